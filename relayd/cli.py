@@ -1,0 +1,167 @@
+"""The ``relayd`` command: serve, check-config, transfers, hash-password, init-demo.
+
+Errors are mapped to exit codes in one place (:func:`main`): a bad config prints one line per
+problem and exits 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from relayd.config import ConfigError, load_config
+from relayd.journal import JournalError
+
+__all__ = ["main"]
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line with ECS-style field names."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "@timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "log.level": record.levelname.lower(),
+            "log.logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["error.stack_trace"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    """Log to stderr (journald picks it up), one line per event."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("asyncssh").setLevel(max(logging.WARNING, root.level))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from relayd.daemon import run
+
+    setup_logging(args.log_level, args.log_format)
+    return run(args.config)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    load_config(args.config)
+    print("config OK")
+    return 0
+
+
+def _cmd_transfers(args: argparse.Namespace) -> int:
+    from relayd.daemon import journal_path
+    from relayd.journal import Journal
+
+    config = load_config(args.config)
+    journal = Journal.open(journal_path(config), readonly=True)
+    try:
+        rows = journal.list_transfers(tenant=args.tenant, state=args.state, since=args.since)
+    finally:
+        journal.close()
+    if args.json:
+        json.dump([t.to_dict() for t in rows], sys.stdout, indent=2)
+        print()
+        return 0
+    headers = ("ID", "RECEIVED", "TENANT", "USER", "STATE", "SIZE", "SHA256", "PATH")
+    table = [(t.id, t.received_at[:19].replace("T", " "), t.tenant, t.user, t.state, _human(t.size),
+              t.sha256[:12], t.path) for t in rows]
+    widths = [max(len(str(r[i])) for r in [headers, *table]) for i in range(len(headers))]
+    for row in [headers, *table]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    if not rows:
+        print("(no transfers)")
+    return 0
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    import argon2
+
+    password = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass("Password: ")
+    if not password:
+        print("relayd: empty password refused", file=sys.stderr)
+        return 2
+    print(argon2.PasswordHasher().hash(password))
+    return 0
+
+
+def _cmd_init_demo(args: argparse.Namespace) -> int:
+    from relayd.demo import init_demo
+
+    init_demo(Path(args.dir), port=args.port, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``relayd`` command."""
+    p = argparse.ArgumentParser(prog="relayd", description="SFTP/SSH bulk-transfer relay")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, fn: Any, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        if config:
+            sp.add_argument("-c", "--config", required=True, metavar="FILE", help="relayd YAML config")
+        return sp
+
+    sp = add("serve", "run the gateway in the foreground", _cmd_serve)
+    sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sp.add_argument("--log-format", default="text", choices=["text", "json"])
+    add("check-config", "validate a config file; exit 2 with one line per problem", _cmd_check_config)
+    sp = add("transfers", "list committed transfers from the journal", _cmd_transfers)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--tenant")
+    sp.add_argument("--state")
+    sp.add_argument("--since", help="RFC 3339 time, e.g. 2026-12-01T00:00:00Z")
+    sp = add("hash-password", "print an argon2id hash for a user's password_hash", _cmd_hash_password, False)
+    sp.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    sp = add("init-demo", "write a demo config with generated keys", _cmd_init_demo, False)
+    sp.add_argument("dir", nargs="?", default="demo")
+    sp.add_argument("--port", type=int, default=2222)
+    sp.add_argument("--force", action="store_true", help="overwrite an existing demo")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``relayd`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return exc.exit_code
+    except JournalError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"relayd: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Daemon lifecycle: build services from config, run, reload on SIGHUP, drain on SIGTERM.
+
+Start order: journal → recovery → listeners → READY. Stop order: listeners → sessions drain
+(uploads in progress may finish until ``gateway.drain_timeout``) → journal close.
+Signal handlers only set events; all work is ordinary async code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from relayd.config import Config, ConfigError, load_config
+from relayd.gateway.context import GatewayContext
+from relayd.gateway.server import load_host_keys, start_listeners
+from relayd.journal import Journal
+from relayd.spool import Spool
+
+__all__ = ["Daemon", "run", "journal_path", "sd_notify"]
+
+log = logging.getLogger("relayd.daemon")
+
+
+def journal_path(config: Config) -> Path:
+    """Where the SQLite journal of this config lives."""
+    return config.node.state_dir / "journal.db"
+
+
+def sd_notify(message: str) -> None:
+    """Send a state line to systemd's ``NOTIFY_SOCKET`` if there is one (no systemd dependency)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.debug("sd_notify failed: %s", exc)
+
+
+class Daemon:
+    """One running gateway process."""
+
+    def __init__(self, config: Config, config_path: Path):
+        self.config = config
+        self.config_path = config_path
+        self.stop_event = asyncio.Event()
+        self.reload_event = asyncio.Event()
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, drain, stop. Returns the exit code."""
+        cfg = self.config
+        for d in (cfg.node.state_dir, cfg.node.spool_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        journal = Journal.open(journal_path(cfg))
+        spool = Spool(cfg.node.spool_dir, journal)
+        spool.recover(cfg.tenants)
+        ctx = GatewayContext(config=cfg, spool=spool)
+        ctx.prepare_tenants()
+        host_keys = load_host_keys(cfg)
+        acceptors = await start_listeners(ctx, host_keys)
+        loop = asyncio.get_running_loop()
+        for sig, event in ((signal.SIGTERM, self.stop_event), (signal.SIGINT, self.stop_event),
+                           (signal.SIGHUP, self.reload_event)):
+            loop.add_signal_handler(sig, event.set)
+        log.info("relayd ready node=%s tenants=%d", cfg.node.id, len(cfg.tenants))
+        sd_notify("READY=1\nSTATUS=serving")
+        try:
+            while not self.stop_event.is_set():
+                waiters = [asyncio.ensure_future(self.stop_event.wait()),
+                           asyncio.ensure_future(self.reload_event.wait())]
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+                if self.reload_event.is_set():
+                    self.reload_event.clear()
+                    self._reload(ctx)
+        finally:
+            sd_notify("STOPPING=1")
+            log.info("stopping: closing listeners")
+            for acceptor in acceptors:
+                acceptor.close()
+            await self._drain(ctx)
+            journal.close()
+            log.info("stopped")
+        return 0
+
+    def _reload(self, ctx: GatewayContext) -> None:
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("reload rejected, keeping the old config: %s", line)
+        else:
+            if new.node != ctx.config.node or new.gateway.listen != ctx.config.gateway.listen:
+                log.warning("reload: node and gateway.listen changes need a restart; other changes applied")
+            ctx.config = new
+            self.config = new
+            ctx.prepare_tenants()
+            log.info("config reloaded tenants=%d", len(new.tenants))
+        sd_notify("READY=1\nSTATUS=serving")
+
+    async def _drain(self, ctx: GatewayContext) -> None:
+        ctx.draining = True
+        deadline = time.monotonic() + ctx.config.gateway.drain_timeout
+        if ctx.uploads:
+            log.info("draining: waiting for %d upload(s) in progress", len(ctx.uploads))
+        while ctx.uploads and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for conn in list(ctx.connections):
+            conn.close()
+        while ctx.connections and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.05)
+
+
+def run(config_path: str | Path) -> int:
+    """Load the config and run the daemon on uvloop; return the exit code."""
+    config = load_config(config_path)
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(Daemon(config, Path(config_path)).run())

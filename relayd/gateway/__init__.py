@@ -1,0 +1,1 @@
+"""SSH/SFTP front door: auth, chrooted SFTP view, limits."""

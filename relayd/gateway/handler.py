@@ -1,0 +1,147 @@
+"""SFTP protocol handler and SSH session glue (asyncssh subclasses).
+
+Differences from asyncssh's stock server handler, each for a reason found with real clients
+(see ../shared/notes/asyncssh.md):
+
+* a handle still open when the session ends is *aborted*, never closed: only a close the client
+  sent on a live session commits;
+* WRITE packets with trailing padding (rclone) are accepted, as OpenSSH does;
+* the session ends with exit status 0 so OpenSSH ``scp`` reports success;
+* open/opendir are bounded per session, opendir errors come at opendir time;
+* limits@openssh.com advertises OpenSSH's sizes; copy-data and ranges extensions are not offered.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import asyncssh
+from asyncssh.packet import SSHPacket
+from asyncssh.sftp import FXP_OPEN, FXP_OPENDIR, FXP_WRITE, SFTPLimits, SFTPServerHandler
+from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
+
+from relayd.gateway.sftp import MAX_READ, TenantSFTPServer
+
+__all__ = ["RelaydSFTPHandler", "SFTPOnlySession"]
+
+log = logging.getLogger("relayd.gateway.session")
+
+SFTP_VERSION = 3
+
+
+class RelaydSFTPHandler(SFTPServerHandler):
+    """asyncssh's SFTP server handler with relayd's commit, limit and compatibility rules."""
+
+    _extensions = [(name, data) for name, data in SFTPServerHandler._extensions
+                   if name not in (b"copy-data", b"ranges@asyncssh.com", b"hardlink@openssh.com")]
+
+    def __init__(self, server: TenantSFTPServer, reader: SSHReader[bytes], writer: SSHWriter[bytes],
+                 max_handles: int):
+        super().__init__(server, reader, writer, SFTP_VERSION)
+        self._relayd_server = server
+        self._max_handles = max_handles
+
+    def _check_handles(self) -> None:
+        if len(self._file_handles) + len(self._dir_handles) >= self._max_handles:
+            log.warning("refused: too many open handles conn=%s", self._relayd_server.ident.conn_id)
+            raise asyncssh.SFTPFailure(f"Too many open handles (limit {self._max_handles})")
+
+    async def _process_open(self, packet: SSHPacket) -> bytes:
+        self._check_handles()
+        return await SFTPServerHandler._process_open(self, packet)
+
+    async def _process_opendir(self, packet: SSHPacket) -> bytes:
+        self._check_handles()
+        path = packet.get_string()
+        packet.check_end()
+        await self._relayd_server.check_dir(path)
+        handle = self._get_next_handle()
+        self._dir_handles[handle] = self._relayd_server.scandir(path)
+        return handle
+
+    async def _process_write(self, packet: SSHPacket) -> int:
+        handle = packet.get_string()
+        offset = packet.get_uint64()
+        data = packet.get_string()
+        # No check_end(): rclone pads its last WRITE packet; OpenSSH ignores trailing bytes.
+        file_obj = self._file_handles.get(handle)
+        if not file_obj:
+            raise asyncssh.SFTPInvalidHandle("Invalid file handle")
+        return self._relayd_server.write(file_obj, offset, data)
+
+    async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
+        packet.check_end()
+        return SFTPLimits(MAX_READ + 1024 + 4, MAX_READ, MAX_READ, self._max_handles)
+
+    _packet_handlers: dict[Any, Callable[..., Any]] = {
+        key: fn for key, fn in SFTPServerHandler._packet_handlers.items()
+        if key not in (b"copy-data", b"ranges@asyncssh.com")
+    }
+    _packet_handlers[FXP_OPEN] = _process_open
+    _packet_handlers[FXP_OPENDIR] = _process_opendir
+    _packet_handlers[FXP_WRITE] = _process_write
+    _packet_handlers[b"limits@openssh.com"] = _process_limits
+
+    async def _cleanup(self, exc: Exception | None) -> None:
+        server = self._relayd_server
+        for file_obj in list(self._file_handles.values()):
+            server.abort(file_obj)
+        self._file_handles = {}
+        self._dir_handles = {}
+        server.exit()
+        writer = self._writer
+        if exc is None and writer is not None:
+            chan = writer.channel
+            if not chan.is_closing():
+                try:
+                    chan.exit(0)
+                except (OSError, asyncssh.Error):
+                    pass
+        await SFTPServerHandler._cleanup(self, exc)
+
+
+class SFTPOnlySession(SSHServerStreamSession):
+    """An SSH session channel that offers the ``sftp`` subsystem and nothing else."""
+
+    def __init__(self, make_server: Callable[[asyncssh.SSHServerChannel], TenantSFTPServer],
+                 max_handles: int, conn_id: str, on_close: Callable[[], None]):
+        super().__init__(None, make_server, SFTP_VERSION, False)
+        self._make_server = make_server
+        self._max_handles = max_handles
+        self._conn_id = conn_id
+        self._on_close = on_close
+
+    def pty_requested(self, *args: Any) -> bool:
+        return False
+
+    def shell_requested(self) -> bool:
+        log.warning("refused: shell request conn=%s", self._conn_id)
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        log.warning("refused: exec request conn=%s command=%r", self._conn_id, command[:200])
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem == "sftp":
+            return True
+        log.warning("refused: subsystem %r conn=%s", subsystem[:100], self._conn_id)
+        return False
+
+    def session_started(self) -> None:
+        chan = self._chan
+        assert chan is not None and self._conn is not None
+        chan.set_encoding(None)
+        self._encoding = None
+        reader: SSHReader[bytes] = SSHReader(self, chan)
+        writer: SSHWriter[bytes] = SSHWriter(self, chan)
+        server = self._make_server(chan)
+        handler = RelaydSFTPHandler(server, reader, writer, self._max_handles)
+        self._conn.create_task(handler.run(), reader.logger)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._on_close()

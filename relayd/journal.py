@@ -1,0 +1,199 @@
+"""Durable state: the one module that speaks SQL.
+
+SQLite in WAL mode with ``synchronous=FULL``: a committed transaction survives power loss.
+The interface is narrow (plain dataclasses in, plain dataclasses out) so another backend can
+serve several gateways later. All methods are synchronous and thread-safe; callers on the event
+loop run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Journal", "Transfer", "JournalError", "new_id", "utc_now"]
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+_SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE transfers (
+        id          TEXT PRIMARY KEY,
+        tenant      TEXT NOT NULL,
+        user        TEXT NOT NULL,
+        source      TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        sha256      TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        object      TEXT NOT NULL
+    );
+    CREATE INDEX transfers_tenant ON transfers(tenant, received_at);
+    CREATE INDEX transfers_state ON transfers(state);
+    """,
+]
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or written."""
+
+    exit_code = 1
+
+
+def new_id() -> str:
+    """A 26-character, time-sortable unique id (ULID layout, Crockford base32)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(secrets.token_bytes(10), "big")
+    out = []
+    for _ in range(26):
+        out.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def utc_now() -> str:
+    """Current UTC time in RFC 3339 with microseconds, e.g. ``2026-12-03T17:00:00.123456Z``."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One committed file as recorded in the journal."""
+
+    id: str
+    tenant: str
+    user: str
+    source: str
+    path: str
+    size: int
+    sha256: str
+    received_at: str
+    state: str
+    object: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for JSON output."""
+        return asdict(self)
+
+
+class Journal:
+    """SQLite-backed journal. Open with :meth:`open`; every write is committed before it returns."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path, *, readonly: bool = False) -> "Journal":
+        """Open (and create or migrate, unless ``readonly``) the journal at ``path``."""
+        p = Path(path)
+        try:
+            if readonly:
+                if not p.exists():
+                    raise JournalError(f"no journal at {p} (has the daemon ever run with this config?)")
+                conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, check_same_thread=False,
+                                       isolation_level=None, timeout=10)
+            else:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(p, check_same_thread=False, isolation_level=None, timeout=10)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.row_factory = sqlite3.Row
+            journal = cls(conn, p)
+            if not readonly:
+                journal._migrate()
+            return journal
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {p}: {exc}") from None
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(_SCHEMA):
+            raise JournalError(f"journal {self.path} has schema version {version}, newer than this relayd")
+        for i in range(version, len(_SCHEMA)):
+            with self._tx():
+                for stmt in _SCHEMA[i].split(";"):
+                    if stmt.strip():
+                        self._conn.execute(stmt)
+                self._conn.execute(f"PRAGMA user_version={i + 1}")
+
+    def _tx(self) -> "_Tx":
+        return _Tx(self._conn, self._lock)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._conn.close()
+
+    def add_transfer(self, t: Transfer) -> None:
+        """Insert a committed transfer; durable when this returns."""
+        with self._tx():
+            self._conn.execute(
+                "INSERT INTO transfers (id, tenant, user, source, path, size, sha256, received_at, state, object)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (t.id, t.tenant, t.user, t.source, t.path, t.size, t.sha256, t.received_at, t.state, t.object))
+
+    def get_transfer(self, transfer_id: str) -> Transfer | None:
+        """The transfer with this id, or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM transfers WHERE id = ?", (transfer_id,)).fetchone()
+        return Transfer(**dict(row)) if row else None
+
+    def list_transfers(self, *, tenant: str | None = None, state: str | None = None,
+                       since: str | None = None, limit: int | None = None) -> list[Transfer]:
+        """Transfers, oldest first, optionally filtered."""
+        where, args = [], []
+        for column, value, op in (("tenant", tenant, "="), ("state", state, "="), ("received_at", since, ">=")):
+            if value is not None:
+                where.append(f"{column} {op} ?")
+                args.append(value)
+        sql = "SELECT * FROM transfers" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+        return [Transfer(**dict(r)) for r in rows]
+
+    def object_names(self, tenant: str) -> set[str]:
+        """Spool object names referenced by a tenant's transfers (for recovery)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT object FROM transfers WHERE tenant = ?", (tenant,)).fetchall()
+        return {r[0] for r in rows}
+
+
+class _Tx:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the journal lock; rollback on error."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock):
+        self._conn = conn
+        self._lock = lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self._conn.execute("COMMIT")
+            else:
+                self._conn.execute("ROLLBACK")
+        finally:
+            self._lock.release()

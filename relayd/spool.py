@@ -1,0 +1,212 @@
+"""Tenant spool layout and the commit door.
+
+Layout under ``node.spool_dir``::
+
+    <tenant>/inbox/       the tenant's SFTP root, what users see as "/"
+    <tenant>/incoming/    uploads in progress (one private file per open write handle)
+    <tenant>/objects/     committed content, one immutable hard link per transfer id
+
+:meth:`Spool.commit` is the single door into the system: the data is fsynced, fixed as
+``objects/<id>`` (a hard link no later write can reach, because relayd never opens an inbox
+file for writing in place), the transfer row is committed in the journal, and only then is the
+name published in the inbox. A crash before the journal commit leaves an orphan object that
+:meth:`Spool.recover` removes; a crash after it leaves a committed transfer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from relayd.journal import Journal, Transfer, new_id, utc_now
+
+__all__ = ["Spool", "CommitRequest", "TenantDirs", "fsync_dir", "hash_file", "scan_usage"]
+
+log = logging.getLogger("relayd.spool")
+
+_HASH_CHUNK = 1 << 20
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory so that a link, rename or unlink in it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_file(path: str | Path | None = None, fd: int | None = None) -> tuple[str, int]:
+    """Stream a file through SHA-256 (bounded memory); return ``(hexdigest, size)``."""
+    h = hashlib.sha256()
+    own = fd is None
+    if own:
+        assert path is not None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    assert fd is not None
+    size = 0
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    try:
+        while True:
+            n = os.preadv(fd, [buf], size)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    finally:
+        if own:
+            os.close(fd)
+    return h.hexdigest(), size
+
+
+@dataclass(frozen=True)
+class TenantDirs:
+    """The three folders of one tenant's spool."""
+
+    inbox: Path
+    incoming: Path
+    objects: Path
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """What the commit door needs to know about a finished upload.
+
+    ``src`` is the finished file (a private staging file, or an uncommitted temp-named file in
+    the inbox for ``commit: rename``). ``publish_to`` is the inbox path to make it visible under
+    (renamed atomically, replacing whatever was there); ``sha256`` may be None to have it computed.
+    """
+
+    tenant: str
+    user: str
+    source: str
+    path: str
+    src: Path
+    publish_to: Path
+    size: int
+    sha256: str | None = None
+    fd: int | None = None
+
+
+class Spool:
+    """Owns the spool directory tree: layout, commit, recovery."""
+
+    def __init__(self, spool_dir: Path, journal: Journal):
+        self.root = spool_dir
+        self.journal = journal
+
+    def dirs(self, tenant: str) -> TenantDirs:
+        """The folders of ``tenant`` (not created)."""
+        base = self.root / tenant
+        return TenantDirs(inbox=base / "inbox", incoming=base / "incoming", objects=base / "objects")
+
+    def ensure_tenant(self, tenant: str) -> TenantDirs:
+        """Create a tenant's folders if missing."""
+        d = self.dirs(tenant)
+        for p in (d.inbox, d.incoming, d.objects):
+            p.mkdir(parents=True, exist_ok=True, mode=0o750)
+        return d
+
+    def new_staging(self, tenant: str) -> tuple[Path, int]:
+        """Create a private staging file for an upload; return its path and an open RDWR fd."""
+        d = self.dirs(tenant)
+        path = d.incoming / new_id()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        return path, fd
+
+    def commit(self, req: CommitRequest) -> Transfer:
+        """Make an upload durable and record it; blocking (run it in a worker thread).
+
+        Order: fsync data → link ``objects/<id>`` → fsync objects dir → journal commit →
+        rename into the inbox → fsync inbox dir. Returns the committed :class:`Transfer`.
+        """
+        d = self.dirs(req.tenant)
+        try:
+            st = os.lstat(req.publish_to)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(21, "Target is not a regular file")
+        if req.fd is not None:
+            os.fsync(req.fd)
+            sha256, size = (req.sha256, req.size) if req.sha256 else hash_file(fd=req.fd)
+        else:
+            fd = os.open(req.src, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+                sha256, size = (req.sha256, req.size) if req.sha256 else hash_file(fd=fd)
+            finally:
+                os.close(fd)
+        tid = new_id()
+        obj = d.objects / tid
+        os.link(req.src, obj)
+        os.chmod(obj, 0o444)
+        fsync_dir(d.objects)
+        transfer = Transfer(id=tid, tenant=req.tenant, user=req.user, source=req.source, path=req.path,
+                            size=size, sha256=sha256, received_at=utc_now(), state="committed",
+                            object=tid)
+        try:
+            self.journal.add_transfer(transfer)
+        except BaseException:
+            _unlink_quiet(obj)
+            raise
+        os.rename(req.src, req.publish_to)
+        fsync_dir(req.publish_to.parent)
+        if req.src.parent != req.publish_to.parent:
+            fsync_dir(req.src.parent)
+        log.info("committed transfer=%s tenant=%s user=%s size=%d sha256=%s", tid, req.tenant, req.user,
+                 size, sha256)
+        return transfer
+
+    def object_path(self, transfer: Transfer) -> Path:
+        """Where the committed content of ``transfer`` lives."""
+        return self.dirs(transfer.tenant).objects / transfer.object
+
+    def recover(self, tenants: Iterable[str]) -> dict[str, int]:
+        """Crash recovery: drop partial uploads and objects whose commit never reached the journal."""
+        partial = orphans = 0
+        for tenant in tenants:
+            d = self.ensure_tenant(tenant)
+            for entry in os.scandir(d.incoming):
+                _unlink_quiet(Path(entry.path))
+                partial += 1
+            known = self.journal.object_names(tenant)
+            for entry in os.scandir(d.objects):
+                if entry.name not in known:
+                    _unlink_quiet(Path(entry.path))
+                    orphans += 1
+            if partial or orphans:
+                fsync_dir(d.incoming)
+                fsync_dir(d.objects)
+        if partial or orphans:
+            log.warning("recovery: removed %d partial upload(s) and %d uncommitted object(s)", partial, orphans)
+        return {"partial_uploads": partial, "orphan_objects": orphans}
+
+
+def scan_usage(inbox: Path) -> tuple[int, int]:
+    """Bytes and regular-file count under a tenant's inbox (for quota accounting)."""
+    total = files = 0
+    stack = [str(inbox)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+                    files += 1
+    return total, files
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
