@@ -108,9 +108,13 @@ def _cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def _cmd_init_demo(args: argparse.Namespace) -> int:
-    from relayd.demo import init_demo
+    from relayd.demo import init_demo, sftp_command
 
-    init_demo(Path(args.dir), port=args.port, force=args.force)
+    cfg = init_demo(Path(args.dir), port=args.port, force=args.force)
+    print(f"demo config: {cfg}")
+    print("upload a file from another terminal (in this folder) with:")
+    print(f"  {sftp_command(Path(args.dir), args.port)}")
+    print(f"then see it with: .venv/bin/relayd transfers -c {cfg}")
     return 0
 
 
