@@ -15,6 +15,8 @@ import socket
 import time
 from pathlib import Path
 
+import asyncssh
+
 from relayd.config import Config, ConfigError, load_config
 from relayd.gateway.context import GatewayContext
 from relayd.gateway.server import load_host_keys, start_listeners
@@ -73,6 +75,7 @@ class Daemon:
             loop.add_signal_handler(sig, event.set)
         log.info("relayd ready node=%s tenants=%d", cfg.node.id, len(cfg.tenants))
         sd_notify("READY=1\nSTATUS=serving")
+        housekeeping = asyncio.ensure_future(self._housekeeping(ctx))
         try:
             while not self.stop_event.is_set():
                 waiters = [asyncio.ensure_future(self.stop_event.wait()),
@@ -84,6 +87,7 @@ class Daemon:
                     self.reload_event.clear()
                     self._reload(ctx)
         finally:
+            housekeeping.cancel()
             sd_notify("STOPPING=1")
             log.info("stopping: closing listeners")
             for acceptor in acceptors:
@@ -92,6 +96,21 @@ class Daemon:
             journal.close()
             log.info("stopped")
         return 0
+
+    async def _housekeeping(self, ctx: GatewayContext) -> None:
+        """Watchdog pings, status line and the idle-session sweep."""
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        interval = min(5.0, watchdog_usec / 2e6) if watchdog_usec else 5.0
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            idle_limit = ctx.config.gateway.idle_timeout
+            for conn, gw_conn in list(ctx.connections.items()):
+                if idle_limit and gw_conn.idle_for(now) > idle_limit:
+                    log.info("closing idle connection conn=%s after %.0fs", gw_conn.conn_id, idle_limit)
+                    conn.disconnect(asyncssh.DISC_BY_APPLICATION, "Idle timeout")
+            status = f"STATUS=serving; {len(ctx.connections)} connection(s), {len(ctx.uploads)} upload(s) open"
+            sd_notify(("WATCHDOG=1\n" if watchdog_usec else "") + status)
 
     def _reload(self, ctx: GatewayContext) -> None:
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")

@@ -33,7 +33,7 @@ class GatewayContext:
     sessions: Counter[str] = field(default_factory=Counter)
     digests: dict[tuple[int, int, int, int, int], str] = field(default_factory=dict)
     draining: bool = False
-    connections: set[Any] = field(default_factory=set)
+    connections: dict[Any, Any] = field(default_factory=dict)
     uploads: set[Any] = field(default_factory=set)
 
     def prepare_tenants(self) -> None:

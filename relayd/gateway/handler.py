@@ -14,6 +14,7 @@ Differences from asyncssh's stock server handler, each for a reason found with r
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import asyncssh
@@ -41,6 +42,10 @@ class RelaydSFTPHandler(SFTPServerHandler):
         super().__init__(server, reader, writer, SFTP_VERSION)
         self._relayd_server = server
         self._max_handles = max_handles
+
+    async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        self._relayd_server.last_activity = time.monotonic()
+        await SFTPServerHandler._process_packet(self, pkttype, pktid, packet)
 
     def _check_handles(self) -> None:
         if len(self._file_handles) + len(self._dir_handles) >= self._max_handles:

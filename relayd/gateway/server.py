@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,18 +100,19 @@ class GatewayConnection(asyncssh.SSHServer):
         self.username = ""
         self.failures = 0
         self.authenticated = False
-        self.session_count = 0
+        self.servers: list[TenantSFTPServer] = []
+        self.started = time.monotonic()
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        self.ctx.connections.add(conn)
+        self.ctx.connections[conn] = self
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.remote = f"{peer[0]}:{peer[1]}"
         log.info("connection conn=%s remote=%s", self.conn_id, self.remote)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None:
-            self.ctx.connections.discard(self.conn)
+            self.ctx.connections.pop(self.conn, None)
         if self.authenticated and self.user is not None:
             log.info("disconnected conn=%s user=%s remote=%s%s", self.conn_id, self.user.name, self.remote,
                      f" reason={exc}" if exc else "")
@@ -184,8 +186,19 @@ class GatewayConnection(asyncssh.SSHServer):
                 released = True
                 self.ctx.sessions[user.name] -= 1
 
-        return SFTPOnlySession(lambda chan: TenantSFTPServer(chan, self.ctx, ident),
+        def make_server(chan: asyncssh.SSHServerChannel) -> TenantSFTPServer:
+            server = TenantSFTPServer(chan, self.ctx, ident)
+            self.servers = [s for s in self.servers if not s.exited] + [server]
+            return server
+
+        return SFTPOnlySession(make_server,
                                self.config.gateway.max_handles_per_session, self.conn_id, release)
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since the last SFTP request (0 while an upload is open)."""
+        if any(s.handles for s in self.servers):
+            return 0.0
+        return now - max([self.started] + [s.last_activity for s in self.servers])
 
     # Forwarding of any kind is refused.
     def connection_requested(self, *args: Any) -> bool:

@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, TypeVar
@@ -131,7 +132,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         self.root = ctx.spool.dirs(ident.tenant.name).inbox
         self.usage = ctx.usage_of(ident.tenant.name)
         self.handles: set[WriteHandle] = set()
-        self._exited = False
+        self.exited = False
+        self.last_activity = time.monotonic()
         super().__init__(chan)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -570,9 +572,9 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             self._discard(file_obj)
 
     def exit(self) -> None:
-        if self._exited:
+        if self.exited:
             return
-        self._exited = True
+        self.exited = True
         for h in list(self.handles):
             self.abort(h)
 
