@@ -219,3 +219,26 @@ def paramiko_client(d: Daemon, user: str, key: Key | None = None, password: str 
     else:
         t.auth_password(user, password or "")
     return paramiko.SFTPClient.from_transport(t)
+
+
+@contextlib.contextmanager
+def paramiko_session(d: Daemon, user: str, key: Key | None = None,
+                     password: str | None = None) -> Iterator[Any]:
+    """:func:`paramiko_client` as a context manager that always closes the transport."""
+    client = paramiko_client(d, user, key=key, password=password)
+    try:
+        yield client
+    finally:
+        client.get_channel().get_transport().close()
+
+
+def ssh(d: Daemon, key: Key | None, user: str, *args: str, input: str = "",
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run OpenSSH ``ssh`` against ``d``: ``args`` are extra options, then an optional ``--`` and
+    the remote command (``ssh(d, k, "u", "-T", "--", "echo", "hi")``)."""
+    opts, command = list(args), []
+    if "--" in opts:
+        cut = opts.index("--")
+        opts, command = opts[:cut], opts[cut + 1:]
+    return subprocess.run(["ssh", *ssh_opts(d, key, port_flag="-p"), *opts, f"{user}@127.0.0.1", *command],
+                          input=input, text=True, capture_output=True, timeout=timeout)

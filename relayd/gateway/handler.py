@@ -13,12 +13,13 @@ Differences from asyncssh's stock server handler, each for a reason found with r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Callable
 
 import asyncssh
-from asyncssh.packet import SSHPacket
+from asyncssh.packet import Byte, SSHPacket, UInt32
 from asyncssh.sftp import FXP_OPEN, FXP_OPENDIR, FXP_WRITE, SFTPLimits, SFTPServerHandler
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
@@ -42,6 +43,28 @@ class RelaydSFTPHandler(SFTPServerHandler):
         super().__init__(server, reader, writer, SFTP_VERSION)
         self._relayd_server = server
         self._max_handles = max_handles
+        self._out: list[bytes] = []
+        self._out_scheduled = False
+
+    def send_packet(self, pkttype: int, pktid: int | None, *args: bytes) -> None:
+        """Queue a reply; replies made in one event-loop turn leave in one channel write."""
+        writer = self._writer
+        if writer is None:
+            raise asyncssh.SFTPNoConnection("Connection not open")
+        if writer.channel.is_closing():
+            return
+        payload = Byte(pkttype) + b"".join(args)
+        self._out.append(UInt32(len(payload)) + payload)
+        if not self._out_scheduled:
+            self._out_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._out_scheduled = False
+        out, self._out = self._out, []
+        writer = self._writer
+        if out and writer is not None and not writer.channel.is_closing():
+            writer.write(b"".join(out))
 
     async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
         self._relayd_server.last_activity = time.monotonic()
@@ -73,7 +96,7 @@ class RelaydSFTPHandler(SFTPServerHandler):
         file_obj = self._file_handles.get(handle)
         if not file_obj:
             raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-        return self._relayd_server.write(file_obj, offset, data)
+        return await self._relayd_server.write(file_obj, offset, data)
 
     async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
         packet.check_end()
@@ -89,6 +112,7 @@ class RelaydSFTPHandler(SFTPServerHandler):
     _packet_handlers[b"limits@openssh.com"] = _process_limits
 
     async def _cleanup(self, exc: Exception | None) -> None:
+        self._flush_out()
         server = self._relayd_server
         for file_obj in list(self._file_handles.values()):
             server.abort(file_obj)

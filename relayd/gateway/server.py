@@ -15,6 +15,7 @@ from typing import Any
 import asyncssh
 
 from relayd.config import Config, UserConfig
+from relayd.gateway import compat
 from relayd.gateway.context import GatewayContext, Identity
 from relayd.gateway.handler import SFTPOnlySession
 from relayd.gateway.sftp import TenantSFTPServer
@@ -22,6 +23,7 @@ from relayd.gateway.sftp import TenantSFTPServer
 __all__ = ["load_host_keys", "start_listeners", "GatewayConnection", "verify_password"]
 
 log = logging.getLogger("relayd.gateway.auth")
+compat.install()
 
 _conn_ids = itertools.count(1)
 

@@ -37,6 +37,10 @@ log = logging.getLogger("relayd.gateway.sftp")
 
 MAX_READ = 261120
 _COPY_CHUNK = 1 << 20
+# Contiguous WRITEs are gathered into blocks of this size and written + hashed in a worker
+# thread, one block in flight per upload, so the event loop keeps decrypting the next block
+# (pwrite and SHA-256 release the GIL). Memory per upload: at most two blocks.
+BLOCK = 1 << 20
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -108,9 +112,12 @@ class WriteHandle:
     existed: bool
     append: bool
     extent: int = 0            # bytes accounted to quota = size the file will have
-    hashed: int = 0
+    hashed: int = 0            # SHA-256 covers [0, hashed) once the in-flight block is written
     hasher: Any = field(default_factory=hashlib.sha256)
     sequential: bool = True
+    buf: bytearray = field(default_factory=bytearray)
+    buf_offset: int = 0
+    inflight: "asyncio.Future[None] | None" = None
     counted_file: bool = False
     changed: bool = False
     failed: str | None = None
@@ -189,7 +196,9 @@ class TenantSFTPServer(asyncssh.SFTPServer):
     stat = lstat
 
     @sftp_errors
-    def fstat(self, file_obj: object) -> os.stat_result:
+    async def fstat(self, file_obj: object) -> os.stat_result:
+        if isinstance(file_obj, WriteHandle):
+            await self._drain(file_obj)
         return os.fstat(self._fd(file_obj))
 
     def _fd(self, file_obj: object) -> int:
@@ -214,6 +223,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+        if isinstance(file_obj, WriteHandle):
+            await self._drain(file_obj)
         fd = self._fd(file_obj)
         if isinstance(file_obj, WriteHandle) and attrs.size is not None and attrs.size != file_obj.extent:
             await self._truncate(file_obj, attrs.size)
@@ -450,23 +461,29 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         h.done = True
         self.handles.discard(h)
         self.ctx.uploads.discard(h)
-        try:
-            os.close(h.fd)
-        except OSError:
-            pass
-        try:
-            os.unlink(h.staging)
-        except OSError:
-            pass
+        h.buf = bytearray()
         self.usage.release(h.extent, 1 if h.counted_file else 0)
 
+        def remove(_: object = None) -> None:
+            for fn, arg in ((os.close, h.fd), (os.unlink, h.staging)):
+                try:
+                    fn(arg)  # type: ignore[operator]
+                except OSError:
+                    pass
+        if h.inflight is not None and not h.inflight.done():
+            # A worker thread is still writing this fd: close it only when it is done.
+            h.inflight.add_done_callback(lambda f: (f.cancelled() or f.exception(), remove()))
+        else:
+            remove()
+
     @sftp_errors
-    def read(self, file_obj: object, offset: int, size: int) -> bytes:
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         if isinstance(file_obj, WriteHandle):
             self._need("download")
+            await self._drain(file_obj)
         return os.pread(self._fd(file_obj), min(size, MAX_READ), offset)
 
-    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         if not isinstance(file_obj, WriteHandle):
             raise _denied("Permission denied (file not open for writing)")
         h = file_obj
@@ -474,22 +491,53 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPFailure(h.failed or "Upload is closed")
         if h.append:
             offset = h.extent
-        end = offset + len(data)
         try:
-            self._grow(h, end)
-            os.pwrite(h.fd, data, offset)
+            self._grow(h, offset + len(data))
         except QuotaExceeded as exc:
+            await self._settle(h)
             raise self._fail(h, str(exc)) from None
+        if h.buf and offset != h.buf_offset + len(h.buf):
+            await self._submit(h)
+        if not h.buf:
+            h.buf_offset = offset
+        h.buf += data
+        h.changed = True
+        if len(h.buf) >= BLOCK:
+            await self._submit(h)
+        return len(data)
+
+    async def _submit(self, h: WriteHandle) -> None:
+        """Hand the gathered block to a worker thread (after the previous block is written)."""
+        block, offset = h.buf, h.buf_offset
+        h.buf = bytearray()
+        hash_it = h.sequential and offset == h.hashed
+        if hash_it:
+            h.hashed = offset + len(block)
+        else:
+            h.sequential = False
+        await self._settle(h)
+        if h.failed:
+            raise asyncssh.SFTPFailure(h.failed)
+        h.inflight = asyncio.get_running_loop().run_in_executor(
+            None, _write_block, h.fd, block, offset, h.hasher if hash_it else None)
+
+    async def _settle(self, h: WriteHandle) -> None:
+        """Wait for the in-flight block; a write error fails the upload."""
+        fut, h.inflight = h.inflight, None
+        if fut is None:
+            return
+        try:
+            await fut
         except OSError as exc:
             raise self._fail(h, _map_oserror(exc).reason) from None
-        if h.sequential:
-            if offset == h.hashed:
-                h.hasher.update(data)
-                h.hashed = end
-            elif data:
-                h.sequential = False
-        h.changed = True
-        return len(data)
+
+    async def _drain(self, h: WriteHandle) -> None:
+        """Write out everything gathered so far."""
+        if h.failed or h.done:
+            return
+        if h.buf:
+            await self._submit(h)
+        await self._settle(h)
 
     async def _truncate(self, h: WriteHandle, size: int) -> None:
         if h.failed or h.done:
@@ -508,6 +556,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def fsync(self, file_obj: object) -> None:
+        if isinstance(file_obj, WriteHandle):
+            await self._drain(file_obj)
         fd = self._fd(file_obj)
         await asyncio.get_running_loop().run_in_executor(None, os.fsync, fd)
 
@@ -519,6 +569,7 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         if not isinstance(file_obj, WriteHandle):
             return
         h = file_obj
+        await self._drain(h)
         if h.failed:
             raise asyncssh.SFTPFailure(h.failed)
         if h.done:
@@ -581,6 +632,16 @@ class TenantSFTPServer(asyncssh.SFTPServer):
 
 def _digest_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _write_block(fd: int, block: bytearray, offset: int, hasher: Any) -> None:
+    """Worker thread: write a whole block at ``offset`` and feed it to the running digest."""
+    view = memoryview(block)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    if hasher is not None:
+        hasher.update(view)
 
 
 def _copy_into(src: Path, h: WriteHandle) -> None:
