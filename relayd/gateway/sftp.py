@@ -37,10 +37,11 @@ log = logging.getLogger("relayd.gateway.sftp")
 
 MAX_READ = 261120
 _COPY_CHUNK = 1 << 20
-# Contiguous WRITEs are gathered into blocks of this size and written + hashed in a worker
-# thread, one block in flight per upload, so the event loop keeps decrypting the next block
-# (pwrite and SHA-256 release the GIL). Memory per upload: at most two blocks.
-BLOCK = 1 << 20
+# Each WRITE is pwritten at once, while its bytes are still hot in the CPU cache (measured here:
+# pwrite of 32 KiB chunks costs half as much CPU as gathering them into 1 MiB blocks). The
+# SHA-256 of sequential data is fed in batches of HASH_BATCH bytes to a worker thread (hashlib
+# releases the GIL), one batch in flight per upload, in order. Memory per upload: two batches.
+HASH_BATCH = 1 << 20
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -115,8 +116,8 @@ class WriteHandle:
     hashed: int = 0            # SHA-256 covers [0, hashed) once the in-flight block is written
     hasher: Any = field(default_factory=hashlib.sha256)
     sequential: bool = True
-    buf: bytearray = field(default_factory=bytearray)
-    buf_offset: int = 0
+    pending: list[bytes] = field(default_factory=list)   # sequential data not yet hashed
+    pending_len: int = 0
     inflight: "asyncio.Future[None] | None" = None
     counted_file: bool = False
     changed: bool = False
@@ -461,20 +462,13 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         h.done = True
         self.handles.discard(h)
         self.ctx.uploads.discard(h)
-        h.buf = bytearray()
+        h.pending = []
         self.usage.release(h.extent, 1 if h.counted_file else 0)
-
-        def remove(_: object = None) -> None:
-            for fn, arg in ((os.close, h.fd), (os.unlink, h.staging)):
-                try:
-                    fn(arg)  # type: ignore[operator]
-                except OSError:
-                    pass
-        if h.inflight is not None and not h.inflight.done():
-            # A worker thread is still writing this fd: close it only when it is done.
-            h.inflight.add_done_callback(lambda f: (f.cancelled() or f.exception(), remove()))
-        else:
-            remove()
+        for fn, arg in ((os.close, h.fd), (os.unlink, h.staging)):
+            try:
+                fn(arg)  # type: ignore[operator]
+            except OSError:
+                pass
 
     @sftp_errors
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
@@ -491,53 +485,43 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPFailure(h.failed or "Upload is closed")
         if h.append:
             offset = h.extent
+        end = offset + len(data)
         try:
-            self._grow(h, offset + len(data))
+            self._grow(h, end)
+            done = os.pwrite(h.fd, data, offset)
+            while done < len(data):
+                done += os.pwrite(h.fd, memoryview(data)[done:], offset + done)
         except QuotaExceeded as exc:
-            await self._settle(h)
             raise self._fail(h, str(exc)) from None
-        if h.buf and offset != h.buf_offset + len(h.buf):
-            await self._submit(h)
-        if not h.buf:
-            h.buf_offset = offset
-        h.buf += data
-        h.changed = True
-        if len(h.buf) >= BLOCK:
-            await self._submit(h)
-        return len(data)
-
-    async def _submit(self, h: WriteHandle) -> None:
-        """Hand the gathered block to a worker thread (after the previous block is written)."""
-        block, offset = h.buf, h.buf_offset
-        h.buf = bytearray()
-        hash_it = h.sequential and offset == h.hashed
-        if hash_it:
-            h.hashed = offset + len(block)
-        else:
-            h.sequential = False
-        await self._settle(h)
-        if h.failed:
-            raise asyncssh.SFTPFailure(h.failed)
-        h.inflight = asyncio.get_running_loop().run_in_executor(
-            None, _write_block, h.fd, block, offset, h.hasher if hash_it else None)
-
-    async def _settle(self, h: WriteHandle) -> None:
-        """Wait for the in-flight block; a write error fails the upload."""
-        fut, h.inflight = h.inflight, None
-        if fut is None:
-            return
-        try:
-            await fut
         except OSError as exc:
             raise self._fail(h, _map_oserror(exc).reason) from None
+        h.changed = True
+        if h.sequential:
+            if offset == h.hashed:
+                h.pending.append(data)
+                h.pending_len += len(data)
+                h.hashed = end
+                if h.pending_len >= HASH_BATCH:
+                    await self._hash_pending(h)
+            elif data:
+                h.sequential = False
+                h.pending, h.pending_len = [], 0
+        return len(data)
+
+    async def _hash_pending(self, h: WriteHandle) -> None:
+        """Feed the gathered sequential data to SHA-256 in a worker (after the previous batch)."""
+        batch, h.pending, h.pending_len = h.pending, [], 0
+        if h.inflight is not None:
+            await h.inflight
+        h.inflight = asyncio.get_running_loop().run_in_executor(None, _hash_batch, h.hasher, batch)
 
     async def _drain(self, h: WriteHandle) -> None:
-        """Write out everything gathered so far."""
-        if h.failed or h.done:
-            return
-        if h.buf:
-            await self._submit(h)
-        await self._settle(h)
+        """Finish hashing everything written so far."""
+        if h.pending:
+            await self._hash_pending(h)
+        fut, h.inflight = h.inflight, None
+        if fut is not None:
+            await fut
 
     async def _truncate(self, h: WriteHandle, size: int) -> None:
         if h.failed or h.done:
@@ -634,14 +618,10 @@ def _digest_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _write_block(fd: int, block: bytearray, offset: int, hasher: Any) -> None:
-    """Worker thread: write a whole block at ``offset`` and feed it to the running digest."""
-    view = memoryview(block)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-    if hasher is not None:
-        hasher.update(view)
+def _hash_batch(hasher: Any, batch: list[bytes]) -> None:
+    """Worker thread: feed a batch of consecutive chunks to the running digest."""
+    for chunk in batch:
+        hasher.update(chunk)
 
 
 def _copy_into(src: Path, h: WriteHandle) -> None:
