@@ -147,6 +147,10 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "gateway.max_sessions_per_user": _K("integer >= 1", 16, "Concurrent SFTP sessions per login name."),
     "gateway.max_handles_per_session": _K("integer >= 1", 64, "Open file/directory handles per SFTP session."),
     "gateway.idle_timeout": _K("duration", "15m", "Close sessions idle this long (0: never)."),
+    "gateway.max_startups": _K("integer >= 1", 128, "Concurrent connections not yet authenticated; further "
+                               "ones are dropped at once (like sshd MaxStartups)."),
+    "gateway.max_connections_per_ip": _K("integer >= 1", 64, "Concurrent connections from one source "
+                                         "address; further ones are dropped at once."),
     "gateway.keepalive_interval": _K("duration", "30s", "SSH keepalive interval (0: off); 3 missed answers "
                                      "close the connection."),
     "gateway.drain_timeout": _K("duration", "60s", "On stop, how long uploads in progress may finish."),
@@ -431,6 +435,8 @@ class GatewayConfig:
     max_sessions_per_user: int = 16
     max_handles_per_session: int = 64
     idle_timeout: float = 900.0
+    max_startups: int = 128
+    max_connections_per_ip: int = 64
     keepalive_interval: float = 30.0
     drain_timeout: float = 60.0
     algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
@@ -897,6 +903,9 @@ def _parse_gateway(ck: _Checker, raw: _Node) -> GatewayConfig:
         max_handles_per_session=ck.integer(g + "max_handles_per_session", raw.get("max_handles_per_session"),
                                            d.max_handles_per_session, 1),
         idle_timeout=ck.duration(g + "idle_timeout", raw.get("idle_timeout"), d.idle_timeout),
+        max_startups=ck.integer(g + "max_startups", raw.get("max_startups"), d.max_startups, 1),
+        max_connections_per_ip=ck.integer(g + "max_connections_per_ip", raw.get("max_connections_per_ip"),
+                                          d.max_connections_per_ip, 1),
         keepalive_interval=ck.duration(g + "keepalive_interval", raw.get("keepalive_interval"),
                                        d.keepalive_interval),
         drain_timeout=ck.duration(g + "drain_timeout", raw.get("drain_timeout"), d.drain_timeout),

@@ -31,6 +31,8 @@ class GatewayContext:
     spool: Spool
     usage: dict[str, TenantUsage] = field(default_factory=dict)
     sessions: Counter[str] = field(default_factory=Counter)
+    per_ip: Counter[str] = field(default_factory=Counter)
+    startups: int = 0
     digests: dict[tuple[int, int, int, int, int], str] = field(default_factory=dict)
     draining: bool = False
     connections: dict[Any, Any] = field(default_factory=dict)

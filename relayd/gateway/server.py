@@ -104,6 +104,8 @@ class GatewayConnection(asyncssh.SSHServer):
         self.conn_id = f"c{next(_conn_ids)}"
         self.conn: asyncssh.SSHServerConnection | None = None
         self.remote = "?"
+        self.ip = "?"
+        self.rejected = False
         self.user: UserConfig | None = None
         self.username = ""
         self.failures = 0
@@ -113,15 +115,33 @@ class GatewayConnection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        self.ctx.connections[conn] = self
         peer = conn.get_extra_info("peername") or ("?", 0)
+        self.ip = str(peer[0])
         self.remote = f"{peer[0]}:{peer[1]}"
+        gw = self.config.gateway
+        ctx = self.ctx
+        if ctx.startups >= gw.max_startups or ctx.per_ip[self.ip] >= gw.max_connections_per_ip:
+            self.rejected = True
+            log.warning("refused: connection flood conn=%s remote=%s (unauthenticated=%d, from this address=%d)",
+                        self.conn_id, self.remote, ctx.startups, ctx.per_ip[self.ip])
+            asyncio.get_running_loop().call_soon(conn.abort)
+            return
+        ctx.connections[conn] = self
+        ctx.startups += 1
+        ctx.per_ip[self.ip] += 1
         log.info("connection conn=%s remote=%s", self.conn_id, self.remote)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.conn is not None:
-            self.ctx.connections.pop(self.conn, None)
-        if self.authenticated and self.user is not None:
+        if self.rejected or self.conn is None:
+            return
+        ctx = self.ctx
+        ctx.connections.pop(self.conn, None)
+        ctx.per_ip[self.ip] -= 1
+        if ctx.per_ip[self.ip] <= 0:
+            del ctx.per_ip[self.ip]
+        if not self.authenticated:
+            ctx.startups -= 1
+        elif self.user is not None:
             log.info("disconnected conn=%s user=%s remote=%s%s", self.conn_id, self.user.name, self.remote,
                      f" reason={exc}" if exc else "")
 
@@ -169,6 +189,7 @@ class GatewayConnection(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self.authenticated = True
+        self.ctx.startups -= 1
         assert self.user is not None
         log.info("login conn=%s user=%s tenant=%s remote=%s", self.conn_id, self.user.name, self.user.tenant,
                  self.remote)
