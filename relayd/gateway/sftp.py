@@ -42,6 +42,7 @@ _COPY_CHUNK = 1 << 20
 # SHA-256 of sequential data is fed in batches of HASH_BATCH bytes to a worker thread (hashlib
 # releases the GIL), one batch in flight per upload, in order. Memory per upload: two batches.
 HASH_BATCH = 1 << 20
+_MAX_CACHED_DIGESTS = 100_000
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -594,6 +595,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         except OSError as exc:
             raise _map_oserror(exc) from None
         if sha is not None:
+            if len(self.ctx.digests) >= _MAX_CACHED_DIGESTS:
+                self.ctx.digests.clear()  # only a cache: a miss means the rename rehashes the file
             self.ctx.digests[_digest_key(st)] = sha
         log.info("temp upload stored (commits on rename) %s path=%s size=%d", self._ctx(), h.vpath, h.extent)
 
