@@ -432,6 +432,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             try:
                 self._grow(h, st.st_size)
                 await asyncio.get_running_loop().run_in_executor(None, _copy_into, real, h)
+            except QuotaExceeded as exc:
+                raise self._fail(h, str(exc)) from None
             except BaseException:
                 self._discard(h)
                 raise
