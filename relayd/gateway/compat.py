@@ -7,9 +7,9 @@
   each attempt).
 * asyncssh keeps received bytes in one ``bytes`` buffer and slices the rest of it off after
   every packet, so a large read holding many packets is copied over and over (quadratic; with
-  uvloop's 256 KiB reads that was 16% of the gateway's CPU during uploads). Feeding it the data
-  in pieces of at most ``_PIECE`` bytes keeps each copy small; to asyncssh this is the same as
-  the data arriving in smaller TCP segments.
+  uvloop's 256 KiB reads that was 16% of the gateway's CPU during uploads). The patch gives it
+  a buffer (:class:`_InputBuffer`) whose tail slices are views, not copies; the leftover of a
+  read (less than one packet) is copied once when the next read arrives.
 """
 
 from __future__ import annotations
@@ -22,7 +22,54 @@ from asyncssh.packet import SSHPacket, String
 __all__ = ["install"]
 
 _USERAUTH = b"ssh-userauth"
-_PIECE = 32 * 1024
+
+
+class _InputBuffer:
+    """The few ``bytes`` operations asyncssh uses on its input buffer, with copy-free tails.
+
+    ``buf[a:]`` returns another view; ``buf[:b]``/``buf[a:b]`` return real ``bytes``;
+    ``buf + data`` keeps only the unconsumed part.
+    """
+
+    __slots__ = ("_data", "_start")
+
+    def __init__(self, data: bytes, start: int = 0):
+        self._data = data
+        self._start = start
+
+    def __len__(self) -> int:
+        return len(self._data) - self._start
+
+    def __bool__(self) -> bool:
+        return len(self._data) > self._start
+
+    def __getitem__(self, key: slice) -> Any:
+        if not isinstance(key, slice) or key.step is not None:
+            raise TypeError("_InputBuffer supports plain slices only")
+        a = 0 if key.start is None else key.start
+        if a < 0 or (key.stop is not None and key.stop < 0):
+            return bytes(self)[key]
+        if key.stop is None:
+            return _InputBuffer(self._data, min(self._start + a, len(self._data)))
+        return self._data[self._start + a:self._start + key.stop]
+
+    def __add__(self, other: bytes) -> "_InputBuffer":
+        if self._start >= len(self._data):
+            return _InputBuffer(bytes(other))
+        return _InputBuffer(self._data[self._start:] + other)
+
+    def __bytes__(self) -> bytes:
+        return self._data[self._start:]
+
+    def __eq__(self, other: object) -> bool:
+        return bytes(self) == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        stop = len(self._data) if end is None else min(len(self._data), self._start + end)
+        idx = self._data.find(sub, self._start + start, stop)
+        return idx - self._start if idx >= 0 else -1
 _installed = False
 
 
@@ -47,15 +94,12 @@ def install() -> None:
 
     handlers[_conn.MSG_SERVICE_REQUEST] = process_service_request
 
-    data_received = _conn.SSHConnection.data_received
+    def data_received(self: Any, data: bytes, datatype: Any = None) -> None:
+        buf = self._inpbuf
+        if not isinstance(buf, _InputBuffer):
+            buf = _InputBuffer(bytes(buf))
+        self._inpbuf = buf + data
+        self._recv_data()
 
-    def data_received_in_pieces(self: Any, data: bytes, datatype: Any = None) -> None:
-        if len(data) <= _PIECE:
-            data_received(self, data, datatype)
-            return
-        view = memoryview(data)
-        for start in range(0, len(data), _PIECE):
-            data_received(self, bytes(view[start:start + _PIECE]), datatype)
-
-    _conn.SSHConnection.data_received = data_received_in_pieces  # type: ignore[method-assign]
+    _conn.SSHConnection.data_received = data_received  # type: ignore[method-assign]
     _installed = True
