@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable
 
 import asyncssh
-from asyncssh.packet import Byte, SSHPacket, UInt32
+from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, UInt32
 from asyncssh.sftp import FXP_OPEN, FXP_OPENDIR, FXP_WRITE, SFTPLimits, SFTPServerHandler
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
@@ -91,7 +91,12 @@ class RelaydSFTPHandler(SFTPServerHandler):
     async def _process_write(self, packet: SSHPacket) -> int:
         handle = packet.get_string()
         offset = packet.get_uint64()
-        data = packet.get_string()
+        length = packet.get_uint32()
+        # The data is passed on as a view of the packet (no copy of up to 256 KiB per WRITE).
+        start = packet._idx  # noqa: SLF001 - asyncssh's SSHPacket read position
+        if start + length > packet._len:  # noqa: SLF001
+            raise PacketDecodeError("Incomplete packet")
+        data = memoryview(packet._packet)[start:start + length]  # noqa: SLF001
         # No check_end(): rclone pads its last WRITE packet; OpenSSH ignores trailing bytes.
         file_obj = self._file_handles.get(handle)
         if not file_obj:
