@@ -23,6 +23,7 @@ from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, UInt32
 from asyncssh.sftp import FXP_OPEN, FXP_OPENDIR, FXP_WRITE, SFTPLimits, SFTPServerHandler
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
+from relayd.gateway.scp import is_scp_command, run_scp
 from relayd.gateway.sftp import MAX_READ, TenantSFTPServer
 
 __all__ = ["RelaydSFTPHandler", "SFTPOnlySession"]
@@ -136,7 +137,7 @@ class RelaydSFTPHandler(SFTPServerHandler):
 
 
 class SFTPOnlySession(SSHServerStreamSession):
-    """An SSH session channel that offers the ``sftp`` subsystem and nothing else."""
+    """An SSH session channel that offers the ``sftp`` subsystem and legacy ``scp`` (nothing else)."""
 
     def __init__(self, make_server: Callable[[asyncssh.SSHServerChannel], TenantSFTPServer],
                  max_handles: int, conn_id: str, on_close: Callable[[], None]):
@@ -154,6 +155,8 @@ class SFTPOnlySession(SSHServerStreamSession):
         return False
 
     def exec_requested(self, command: str) -> bool:
+        if is_scp_command(command):
+            return True
         log.warning("refused: exec request conn=%s command=%r", self._conn_id, command[:200])
         return False
 
@@ -171,6 +174,10 @@ class SFTPOnlySession(SSHServerStreamSession):
         reader: SSHReader[bytes] = SSHReader(self, chan)
         writer: SSHWriter[bytes] = SSHWriter(self, chan)
         server = self._make_server(chan)
+        command = chan.get_command()
+        if command:
+            self._conn.create_task(run_scp(server, command, reader, writer), reader.logger)
+            return
         handler = RelaydSFTPHandler(server, reader, writer, self._max_handles)
         self._conn.create_task(handler.run(), reader.logger)
 
