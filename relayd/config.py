@@ -1064,7 +1064,7 @@ def _parse_tenant(ck: _Checker, name: str, raw: _Node,
                 ck.err(ipath, f"temp patterns match a file name, not a path; drop the '/' in {pat!r}")
             else:
                 pats.append(pat)
-        temp_patterns = tuple(pats)
+        temp_patterns = tuple(pats)  # type: ignore[assignment]
     cas = []
     for ipath, line in ck.str_items(_join(path, "cert_authorities"), raw.get("cert_authorities")):
         problem = _public_key_problem(line, ca=True)

@@ -152,7 +152,8 @@ class Journal:
     def list_transfers(self, *, tenant: str | None = None, state: str | None = None,
                        since: str | None = None, limit: int | None = None) -> list[Transfer]:
         """Transfers, oldest first, optionally filtered."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[object] = []
         for column, value, op in (("tenant", tenant, "="), ("state", state, "="), ("received_at", since, ">=")):
             if value is not None:
                 where.append(f"{column} {op} ?")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import asyncssh
 from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, UInt32
@@ -108,7 +108,7 @@ class RelaydSFTPHandler(SFTPServerHandler):
         packet.check_end()
         return SFTPLimits(MAX_READ + 1024 + 4, MAX_READ, MAX_READ, self._max_handles)
 
-    _packet_handlers: dict[Any, Callable[..., Any]] = {
+    _packet_handlers: dict[Any, Any] = {  # type: ignore[assignment]
         key: fn for key, fn in SFTPServerHandler._packet_handlers.items()
         if key not in (b"copy-data", b"ranges@asyncssh.com")
     }
@@ -127,7 +127,7 @@ class RelaydSFTPHandler(SFTPServerHandler):
         server.exit()
         writer = self._writer
         if exc is None and writer is not None:
-            chan = writer.channel
+            chan = cast(asyncssh.SSHServerChannel[bytes], writer.channel)
             if not chan.is_closing():
                 try:
                     chan.exit(0)
@@ -141,7 +141,7 @@ class SFTPOnlySession(SSHServerStreamSession):
 
     def __init__(self, make_server: Callable[[asyncssh.SSHServerChannel], TenantSFTPServer],
                  max_handles: int, conn_id: str, on_close: Callable[[], None]):
-        super().__init__(None, make_server, SFTP_VERSION, False)
+        super().__init__(None, make_server, SFTP_VERSION, False)  # type: ignore[arg-type]
         self._make_server = make_server
         self._max_handles = max_handles
         self._conn_id = conn_id
@@ -173,7 +173,7 @@ class SFTPOnlySession(SSHServerStreamSession):
         self._encoding = None
         reader: SSHReader[bytes] = SSHReader(self, chan)
         writer: SSHWriter[bytes] = SSHWriter(self, chan)
-        server = self._make_server(chan)
+        server = self._make_server(cast(asyncssh.SSHServerChannel[bytes], chan))
         command = chan.get_command()
         if command:
             self._conn.create_task(run_scp(server, command, reader, writer), reader.logger)

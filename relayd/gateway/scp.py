@@ -71,7 +71,7 @@ class _CommitOnCompleteSink(_SCPSink):
                 self._tenant_server.abort(file_obj._file_obj)  # noqa: SLF001
         if local_exc:
             self.send_error(local_exc)
-            setattr(local_exc, "suppress_send", True)
+            local_exc.suppress_send = True  # type: ignore[attr-defined]
         else:
             self.send_ok()
         final_exc = remote_exc or local_exc

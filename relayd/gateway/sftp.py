@@ -10,6 +10,7 @@ opened for writing in place, so committed content can't change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import hashlib
@@ -117,7 +118,7 @@ class WriteHandle:
     hashed: int = 0            # SHA-256 covers [0, hashed) once the in-flight block is written
     hasher: Any = field(default_factory=hashlib.sha256)
     sequential: bool = True
-    pending: list[bytes] = field(default_factory=list)   # sequential data not yet hashed
+    pending: list[bytes | memoryview] = field(default_factory=list)   # sequential data not yet hashed
     pending_len: int = 0
     inflight: "asyncio.Future[None] | None" = None
     counted_file: bool = False
@@ -467,11 +468,10 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         self.ctx.uploads.discard(h)
         h.pending = []
         self.usage.release(h.extent, 1 if h.counted_file else 0)
-        for fn, arg in ((os.close, h.fd), (os.unlink, h.staging)):
-            try:
-                fn(arg)  # type: ignore[operator]
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):
+            os.close(h.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(h.staging)
 
     @sftp_errors
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
@@ -480,7 +480,7 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             await self._drain(file_obj)
         return os.pread(self._fd(file_obj), min(size, MAX_READ), offset)
 
-    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    async def write(self, file_obj: object, offset: int, data: bytes | memoryview) -> int:
         if not isinstance(file_obj, WriteHandle):
             raise _denied("Permission denied (file not open for writing)")
         h = file_obj
@@ -623,7 +623,7 @@ def _digest_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _hash_batch(hasher: Any, batch: list[bytes]) -> None:
+def _hash_batch(hasher: Any, batch: list[bytes | memoryview]) -> None:
     """Worker thread: feed a batch of consecutive chunks to the running digest."""
     for chunk in batch:
         hasher.update(chunk)
