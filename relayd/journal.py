@@ -136,7 +136,13 @@ class Journal:
             self._conn.close()
 
     def add_transfer(self, t: Transfer) -> None:
-        """Insert a committed transfer; durable when this returns."""
+        """Insert a committed transfer; durable when this returns. Raises :class:`JournalError`."""
+        try:
+            self._insert_transfer(t)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot record transfer {t.id}: {exc}") from None
+
+    def _insert_transfer(self, t: Transfer) -> None:
         with self._tx():
             self._conn.execute(
                 "INSERT INTO transfers (id, tenant, user, source, path, size, sha256, received_at, state, object)"

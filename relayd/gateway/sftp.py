@@ -30,6 +30,7 @@ from asyncssh.sftp import (FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_TRUNC, FXF_WRITE
 from relayd.gateway.context import GatewayContext, Identity
 from relayd.gateway.paths import PathRefused, normalize, to_virtual
 from relayd.gateway.quota import QuotaExceeded
+from relayd.journal import JournalError
 from relayd.spool import CommitRequest, fsync_dir
 
 __all__ = ["TenantSFTPServer", "ReadHandle", "WriteHandle"]
@@ -377,8 +378,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         loop = asyncio.get_running_loop()
         try:
             transfer = await loop.run_in_executor(None, self.ctx.spool.commit, req)
-        except OSError as exc:
-            log.error("commit failed %s path=%s errno=%s", self._ctx(), req.path, exc.errno)
+        except (OSError, JournalError) as exc:
+            log.error("commit failed %s path=%s: %s", self._ctx(), req.path, exc)
             raise asyncssh.SFTPFailure("Commit failed; the upload was not stored") from None
         log.info("upload committed %s path=%s size=%d transfer=%s", self._ctx(), req.path, transfer.size,
                  transfer.id)

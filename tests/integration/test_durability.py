@@ -359,3 +359,30 @@ def test_max_sessions_per_user(tmp_path: Path, keys: dict[str, Key]) -> None:
 def test_sigterm_idle_exits_zero(daemon: Daemon) -> None:
     """SIGTERM on an idle daemon stops it with exit code 0."""
     assert daemon.stop() == 0
+
+
+def test_journal_failure_fails_the_close_and_stores_nothing(daemon: Daemon, keys: dict[str, Key],
+                                                            tmp_path: Path) -> None:
+    """If the journal can't record the transfer, the client's close fails and nothing is stored."""
+    import sqlite3
+
+    db = Path(daemon.config["node"]["state_dir"]) / "journal.db"
+    src = make_file(tmp_path / "j.bin", 100_000)
+    blocker = sqlite3.connect(db, timeout=1, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # relayd's insert waits its busy timeout, then fails
+    try:
+        r = daemon.sftp(keys["acme"], "acme-erp", f"put {src} /j.bin\n")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert r.returncode != 0, "close succeeded although the journal could not record the transfer"
+    assert str(db) not in r.stderr
+    wait_for(lambda: "commit failed" in daemon.log(), what="commit failure logged")
+    objects = daemon.spool / "acme" / "objects"
+    assert not (daemon.inbox("acme") / "j.bin").exists()
+    assert not any((daemon.spool / "acme" / "incoming").iterdir())
+    assert not any(objects.iterdir())
+    assert daemon.transfers() == []
+    r = daemon.sftp(keys["acme"], "acme-erp", f"put {src} /j.bin\n")
+    assert r.returncode == 0, r.stderr
+    assert [t["path"] for t in daemon.transfers()] == ["/j.bin"]
