@@ -36,6 +36,13 @@ def imports(path: Path) -> set[str]:
     return out
 
 
+def relative_imports(path: Path) -> list[str]:
+    """``from .x import y`` and the like, which :func:`imports` does not see."""
+    tree = ast.parse(path.read_text())
+    return ["." * node.level + (node.module or "") for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level]
+
+
 def test_imports_point_down() -> None:
     bad = []
     for path in PKG.rglob("*.py"):
@@ -50,7 +57,12 @@ def test_imports_point_down() -> None:
 
 
 def test_config_imports_nothing_of_relayd() -> None:
-    assert imports(PKG / "config.py") == set()
+    files = sorted((PKG / "config").rglob("*.py"))
+    assert PKG / "config" / "__init__.py" in files
+    for path in files:
+        others = {t for t in imports(path) if t != "relayd.config" and not t.startswith("relayd.config.")}
+        assert others == set(), path
+        assert not relative_imports(path), f"{path}: use absolute relayd.config.* imports"
 
 
 def test_destinations_know_nothing_of_the_gateway() -> None:
