@@ -102,7 +102,7 @@ class RelaydSFTPHandler(SFTPServerHandler):
         file_obj = self._file_handles.get(handle)
         if not file_obj:
             raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-        return await self._relayd_server.write(file_obj, offset, data)
+        return self._relayd_server.write(file_obj, offset, data)
 
     async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
         packet.check_end()

@@ -39,11 +39,10 @@ log = logging.getLogger("relayd.gateway.sftp")
 
 MAX_READ = 261120
 _COPY_CHUNK = 1 << 20
-# Each WRITE is pwritten at once, while its bytes are still hot in the CPU cache (measured here:
-# pwrite of 32 KiB chunks costs half as much CPU as gathering them into 1 MiB blocks). The
-# SHA-256 of sequential data is fed in batches of HASH_BATCH bytes to a worker thread (hashlib
-# releases the GIL), one batch in flight per upload, in order. Memory per upload: two batches.
-HASH_BATCH = 1 << 20
+# Each WRITE is pwritten and hashed at once, on the event loop, while its bytes are still hot in
+# the CPU cache. Measured on a 2-core VM against OpenSSH's sftp-server: handing the work to
+# worker threads (1 MiB blocks, or a per-upload write-behind queue) cost more in copies, cache
+# misses and GIL hand-offs than it saved; inline is ~15% faster and needs no buffering at all.
 _MAX_CACHED_DIGESTS = 100_000
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -119,9 +118,6 @@ class WriteHandle:
     hashed: int = 0            # SHA-256 covers [0, hashed) once the in-flight block is written
     hasher: Any = field(default_factory=hashlib.sha256)
     sequential: bool = True
-    pending: list[bytes | memoryview] = field(default_factory=list)   # sequential data not yet hashed
-    pending_len: int = 0
-    inflight: "asyncio.Future[None] | None" = None
     counted_file: bool = False
     changed: bool = False
     failed: str | None = None
@@ -200,9 +196,7 @@ class TenantSFTPServer(asyncssh.SFTPServer):
     stat = lstat
 
     @sftp_errors
-    async def fstat(self, file_obj: object) -> os.stat_result:
-        if isinstance(file_obj, WriteHandle):
-            await self._drain(file_obj)
+    def fstat(self, file_obj: object) -> os.stat_result:
         return os.fstat(self._fd(file_obj))
 
     def _fd(self, file_obj: object) -> int:
@@ -227,8 +221,6 @@ class TenantSFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
-        if isinstance(file_obj, WriteHandle):
-            await self._drain(file_obj)
         fd = self._fd(file_obj)
         if isinstance(file_obj, WriteHandle) and attrs.size is not None and attrs.size != file_obj.extent:
             await self._truncate(file_obj, attrs.size)
@@ -467,7 +459,6 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         h.done = True
         self.handles.discard(h)
         self.ctx.uploads.discard(h)
-        h.pending = []
         self.usage.release(h.extent, 1 if h.counted_file else 0)
         with contextlib.suppress(OSError):
             os.close(h.fd)
@@ -475,13 +466,12 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             os.unlink(h.staging)
 
     @sftp_errors
-    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+    def read(self, file_obj: object, offset: int, size: int) -> bytes:
         if isinstance(file_obj, WriteHandle):
             self._need("download")
-            await self._drain(file_obj)
         return os.pread(self._fd(file_obj), min(size, MAX_READ), offset)
 
-    async def write(self, file_obj: object, offset: int, data: bytes | memoryview) -> int:
+    def write(self, file_obj: object, offset: int, data: bytes | memoryview) -> int:
         if not isinstance(file_obj, WriteHandle):
             raise _denied("Permission denied (file not open for writing)")
         h = file_obj
@@ -502,30 +492,11 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         h.changed = True
         if h.sequential:
             if offset == h.hashed:
-                h.pending.append(data)
-                h.pending_len += len(data)
+                h.hasher.update(data)
                 h.hashed = end
-                if h.pending_len >= HASH_BATCH:
-                    await self._hash_pending(h)
             elif data:
                 h.sequential = False
-                h.pending, h.pending_len = [], 0
         return len(data)
-
-    async def _hash_pending(self, h: WriteHandle) -> None:
-        """Feed the gathered sequential data to SHA-256 in a worker (after the previous batch)."""
-        batch, h.pending, h.pending_len = h.pending, [], 0
-        if h.inflight is not None:
-            await h.inflight
-        h.inflight = asyncio.get_running_loop().run_in_executor(None, _hash_batch, h.hasher, batch)
-
-    async def _drain(self, h: WriteHandle) -> None:
-        """Finish hashing everything written so far."""
-        if h.pending:
-            await self._hash_pending(h)
-        fut, h.inflight = h.inflight, None
-        if fut is not None:
-            await fut
 
     async def _truncate(self, h: WriteHandle, size: int) -> None:
         if h.failed or h.done:
@@ -544,8 +515,6 @@ class TenantSFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def fsync(self, file_obj: object) -> None:
-        if isinstance(file_obj, WriteHandle):
-            await self._drain(file_obj)
         fd = self._fd(file_obj)
         await asyncio.get_running_loop().run_in_executor(None, os.fsync, fd)
 
@@ -557,7 +526,6 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         if not isinstance(file_obj, WriteHandle):
             return
         h = file_obj
-        await self._drain(h)
         if h.failed:
             raise asyncssh.SFTPFailure(h.failed)
         if h.done:
@@ -622,12 +590,6 @@ class TenantSFTPServer(asyncssh.SFTPServer):
 
 def _digest_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _hash_batch(hasher: Any, batch: list[bytes | memoryview]) -> None:
-    """Worker thread: feed a batch of consecutive chunks to the running digest."""
-    for chunk in batch:
-        hasher.update(chunk)
 
 
 def _copy_into(src: Path, h: WriteHandle) -> None:
