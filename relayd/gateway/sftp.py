@@ -277,7 +277,18 @@ class TenantSFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     def statvfs(self, path: bytes) -> SFTPVFSAttrs:
-        return SFTPVFSAttrs.from_local(os.statvfs(self.root))
+        """Disk space as the tenant sees it: its quota where one is set (``df`` in sftp)."""
+        attrs = SFTPVFSAttrs.from_local(os.statvfs(self.root))
+        quota = self.tenant.quota
+        if quota.bytes is not None and attrs.frsize:
+            attrs.blocks = quota.bytes // attrs.frsize
+            free = max(0, quota.bytes - self.usage.bytes) // attrs.frsize
+            attrs.bfree = min(attrs.bfree, free)
+            attrs.bavail = min(attrs.bavail, free)
+        if quota.files is not None:
+            attrs.files = quota.files
+            attrs.ffree = attrs.favail = min(attrs.ffree, max(0, quota.files - self.usage.files))
+        return attrs
 
     def fstatvfs(self, file_obj: object) -> SFTPVFSAttrs:
         return self.statvfs(b"/")

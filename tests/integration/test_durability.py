@@ -386,3 +386,19 @@ def test_journal_failure_fails_the_close_and_stores_nothing(daemon: Daemon, keys
     r = daemon.sftp(keys["acme"], "acme-erp", f"put {src} /j.bin\n")
     assert r.returncode == 0, r.stderr
     assert [t["path"] for t in daemon.transfers()] == ["/j.bin"]
+
+
+def test_df_reports_the_tenant_quota(tmp_path: Path, keys: dict[str, Key]) -> None:
+    """statvfs (``df`` in sftp) shows the tenant's quota and what is left of it."""
+    port = free_port()
+    tenants = two_tenants(keys, quota={"bytes": "100MiB", "files": 50})
+    with run_daemon(tmp_path, base_config(tmp_path, port, tenants)) as d:
+        sftp = paramiko_client(d, "acme-erp", keys["acme"])
+        with sftp.open("/a.bin", "w") as f:
+            f.write(b"x" * (10 << 20))
+        msg = sftp._request(paramiko.sftp.CMD_EXTENDED, "statvfs@openssh.com", "/")[1]
+        fields = [msg.get_int64() for _ in range(11)]
+        _bsize, frsize, blocks, _bfree, bavail, files, ffree = fields[:7]
+        assert blocks * frsize == 100 << 20
+        assert bavail * frsize == 90 << 20
+        assert files == 50 and ffree == 49
