@@ -115,7 +115,7 @@ class WriteHandle:
     existed: bool
     append: bool
     extent: int = 0            # bytes accounted to quota = size the file will have
-    hashed: int = 0            # SHA-256 covers [0, hashed) once the in-flight block is written
+    hashed: int = 0            # the running SHA-256 covers bytes [0, hashed)
     hasher: Any = field(default_factory=hashlib.sha256)
     sequential: bool = True
     counted_file: bool = False
@@ -176,8 +176,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             return None
 
     def _refuse(self, what: str, *paths: bytes) -> asyncssh.SFTPError:
-        log.warning("refused: %s %s path=%s", what, self._ctx(), " -> ".join(p.decode("utf-8", "replace")
-                                                                             for p in paths))
+        # repr(): client bytes may hold newlines or escapes; a log line stays one line.
+        log.warning("refused: %s %s path=%s", what, self._ctx(), " -> ".join(repr(p[:512]) for p in paths))
         return _denied(f"Permission denied ({what} not allowed)")
 
     # -- paths and metadata --------------------------------------------------------------------
