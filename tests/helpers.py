@@ -37,6 +37,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
         time.sleep(interval)
 
 
+def wait_or_kill(proc: "subprocess.Popen[Any]", timeout: float) -> int:
+    """Wait for ``proc`` to exit; SIGKILL it after ``timeout`` seconds. Returns its exit code."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.returncode
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1."""
     with socket.socket() as s:
@@ -110,12 +120,7 @@ class Daemon:
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return wait_or_kill(self.proc, timeout)
 
     def transfers(self, *extra: str) -> list[dict[str, Any]]:
         out = relayd("transfers", "-c", str(self.config_path), "--json", *extra, check=True)

@@ -30,6 +30,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers import free_port, wait_or_kill
 from typing import Iterator
 
 __all__ = ["SSHD", "ThrowawaySshd", "SshdError", "throwaway_sshd", "free_port"]
@@ -39,13 +41,6 @@ SSHD = "/usr/sbin/sshd"
 
 class SshdError(RuntimeError):
     """The throwaway sshd could not be configured or did not come up."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An unused TCP port on ``host`` (the kernel picks one from the ephemeral range)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _descendants(pid: int) -> list[int]:
@@ -153,12 +148,7 @@ class ThrowawaySshd:
             for pid in kids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return wait_or_kill(self.proc, timeout)
 
 
 def _write_config(workdir: Path, *, port: int, host: str, user: str, host_key: Path, sftp: str,
@@ -260,7 +250,7 @@ def throwaway_sshd(workdir: Path, *, authorized_keys: list[str], sftp: str = "in
 
     attempts = 1 if port is not None else 3
     for attempt in range(attempts):
-        chosen = port if port is not None else free_port(host)
+        chosen = port if port is not None else free_port()
         config = _write_config(workdir, port=chosen, host=host, user=user, host_key=host_key, sftp=sftp,
                                chroot=chroot)
         try:
