@@ -105,8 +105,12 @@ class Daemon:
     async def _housekeeping(self, ctx: GatewayContext) -> None:
         """Watchdog pings, status line and the idle-session sweep."""
         watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        interval = min(5.0, watchdog_usec / 2e6) if watchdog_usec else 5.0
         while True:
+            interval = 5.0
+            if watchdog_usec:
+                interval = min(interval, watchdog_usec / 2e6)
+            if ctx.config.gateway.idle_timeout:
+                interval = min(interval, max(0.2, ctx.config.gateway.idle_timeout / 4))
             await asyncio.sleep(interval)
             now = time.monotonic()
             idle_limit = ctx.config.gateway.idle_timeout

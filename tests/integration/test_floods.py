@@ -96,3 +96,15 @@ def test_huge_sftp_packet_ends_only_that_session(daemon, keys: dict[str, Key], t
         f.write("ok")
     assert any(r["path"] == "/still-works.txt" for r in daemon.transfers())
     t.close()
+
+
+def test_idle_session_is_closed(tmp_path: Path, keys: dict[str, Key]) -> None:
+    """gateway.idle_timeout closes a logged-in session that sends nothing."""
+    from tests.helpers import paramiko_client
+
+    port = free_port()
+    with run_daemon(tmp_path, base_config(tmp_path, port, two_tenants(keys), idle_timeout="1s")) as d:
+        sftp = paramiko_client(d, "acme-erp", keys["acme"])
+        transport = sftp.get_channel().get_transport()
+        wait_for(lambda: not transport.is_active(), 15, what="idle connection closed")
+        assert "closing idle connection" in d.log()
