@@ -70,21 +70,33 @@ def _cmd_transfers(args: argparse.Namespace) -> int:
     journal = Journal.open(journal_path(config), readonly=True)
     try:
         rows = journal.list_transfers(tenant=args.tenant, state=args.state, since=args.since)
+        deliveries = journal.deliveries_for([t.id for t in rows])
     finally:
         journal.close()
     if args.json:
-        json.dump([t.to_dict() for t in rows], sys.stdout, indent=2)
+        json.dump([{**t.to_dict(), "unrouted": not deliveries[t.id],
+                    "deliveries": [d.to_dict() for d in deliveries[t.id]]} for t in rows], sys.stdout, indent=2)
         print()
         return 0
-    headers = ("ID", "RECEIVED", "TENANT", "USER", "STATE", "SIZE", "SHA256", "PATH")
+    headers = ("ID", "RECEIVED", "TENANT", "USER", "STATE", "SIZE", "SHA256", "PATH", "DELIVERIES")
     table = [(t.id, t.received_at[:19].replace("T", " "), t.tenant, t.user, t.state, _human(t.size),
-              t.sha256[:12], t.path) for t in rows]
+              t.sha256[:12], t.path, _delivery_summary(deliveries[t.id])) for t in rows]
     widths = [max(len(str(r[i])) for r in [headers, *table]) for i in range(len(headers))]
     for row in [headers, *table]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
     if not rows:
         print("(no transfers)")
     return 0
+
+
+def _delivery_summary(deliveries: list[Any]) -> str:
+    if not deliveries:
+        return "unrouted"
+    parts = []
+    for d in deliveries:
+        extra = f" x{d.attempts}" if d.attempts > 1 else ""
+        parts.append(f"{d.destination}:{d.state}{extra}")
+    return " ".join(parts)
 
 
 def _human(n: int) -> str:

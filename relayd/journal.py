@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = ["Journal", "Transfer", "JournalError", "new_id", "utc_now"]
 
@@ -39,7 +39,33 @@ _SCHEMA = [
     CREATE INDEX transfers_tenant ON transfers(tenant, received_at);
     CREATE INDEX transfers_state ON transfers(state);
     """,
+    # version 2: one delivery per (transfer, destination), created with the transfer
+    """
+    CREATE TABLE deliveries (
+        id              TEXT PRIMARY KEY,
+        transfer_id     TEXT NOT NULL REFERENCES transfers(id),
+        destination     TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        last_error      TEXT,
+        remote_path     TEXT,
+        verified        TEXT,
+        remote_digest   TEXT,
+        bytes_sent      INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (transfer_id, destination)
+    );
+    CREATE INDEX deliveries_due ON deliveries(state, next_attempt_at);
+    CREATE INDEX deliveries_transfer ON deliveries(transfer_id);
+    """,
 ]
+
+# Delivery states (DESIGN.md): pending → sending → delivered | retry_wait → failed | denied | quarantined
+DELIVERY_STATES = ("pending", "sending", "delivered", "retry_wait", "failed", "denied", "quarantined",
+                   "cancelled")
+TERMINAL_STATES = frozenset({"delivered", "failed", "denied", "quarantined", "cancelled"})
 
 
 class JournalError(Exception):
@@ -61,6 +87,29 @@ def new_id() -> str:
 def utc_now() -> str:
     """Current UTC time in RFC 3339 with microseconds, e.g. ``2026-12-03T17:00:00.123456Z``."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One committed file on its way to one destination."""
+
+    id: str
+    transfer_id: str
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    created_at: str
+    updated_at: str
+    last_error: str | None = None
+    remote_path: str | None = None
+    verified: str | None = None
+    remote_digest: str | None = None
+    bytes_sent: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for JSON output."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -135,19 +184,51 @@ class Journal:
         with self._lock:
             self._conn.close()
 
-    def add_transfer(self, t: Transfer) -> None:
-        """Insert a committed transfer; durable when this returns. Raises :class:`JournalError`."""
+    def add_transfer(self, t: Transfer, destinations: Sequence[str] = ()) -> list[Delivery]:
+        """Insert a committed transfer and one pending delivery per destination, atomically.
+
+        Durable when this returns. Raises :class:`JournalError`.
+        """
+        now = utc_now()
+        deliveries = [Delivery(id=new_id(), transfer_id=t.id, destination=d, state="pending", attempts=0,
+                               next_attempt_at=time.time(), created_at=now, updated_at=now)
+                      for d in dict.fromkeys(destinations)]
         try:
-            self._insert_transfer(t)
+            with self._tx():
+                self._conn.execute(
+                    "INSERT INTO transfers (id, tenant, user, source, path, size, sha256, received_at, state,"
+                    " object) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (t.id, t.tenant, t.user, t.source, t.path, t.size, t.sha256, t.received_at, t.state,
+                     t.object))
+                self._conn.executemany(
+                    "INSERT INTO deliveries (id, transfer_id, destination, state, attempts, next_attempt_at,"
+                    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                    [(d.id, d.transfer_id, d.destination, d.state, d.attempts, d.next_attempt_at, d.created_at,
+                      d.updated_at) for d in deliveries])
         except sqlite3.Error as exc:
             raise JournalError(f"cannot record transfer {t.id}: {exc}") from None
+        return deliveries
 
-    def _insert_transfer(self, t: Transfer) -> None:
-        with self._tx():
-            self._conn.execute(
-                "INSERT INTO transfers (id, tenant, user, source, path, size, sha256, received_at, state, object)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (t.id, t.tenant, t.user, t.source, t.path, t.size, t.sha256, t.received_at, t.state, t.object))
+    def deliveries_of(self, transfer_id: str) -> list[Delivery]:
+        """The deliveries of one transfer, in creation order."""
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM deliveries WHERE transfer_id = ? ORDER BY id",
+                                      (transfer_id,)).fetchall()
+        return [Delivery(**dict(r)) for r in rows]
+
+    def deliveries_for(self, transfer_ids: Sequence[str]) -> dict[str, list[Delivery]]:
+        """Deliveries grouped by transfer id (for listings)."""
+        out: dict[str, list[Delivery]] = {tid: [] for tid in transfer_ids}
+        ids = list(transfer_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT * FROM deliveries WHERE transfer_id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                    chunk).fetchall()
+            for r in rows:
+                out[r["transfer_id"]].append(Delivery(**dict(r)))
+        return out
 
     def get_transfer(self, transfer_id: str) -> Transfer | None:
         """The transfer with this id, or None."""

@@ -81,6 +81,8 @@ class CommitRequest:
     ``src`` is the finished file (a private staging file, or an uncommitted temp-named file in
     the inbox for ``commit: rename``). ``publish_to`` is the inbox path to make it visible under
     (renamed atomically, replacing whatever was there); ``sha256`` may be None to have it computed.
+    ``destinations`` (from the tenant's routes) each get a pending delivery in the same journal
+    transaction; a transfer with none stays committed and is listed as ``unrouted``.
     """
 
     tenant: str
@@ -92,6 +94,7 @@ class CommitRequest:
     size: int
     sha256: str | None = None
     fd: int | None = None
+    destinations: tuple[str, ...] = ()
 
 
 class Spool:
@@ -150,10 +153,9 @@ class Spool:
         os.chmod(obj, 0o444)
         fsync_dir(d.objects)
         transfer = Transfer(id=tid, tenant=req.tenant, user=req.user, source=req.source, path=req.path,
-                            size=size, sha256=sha256, received_at=utc_now(), state="committed",
-                            object=tid)
+                            size=size, sha256=sha256, received_at=utc_now(), state="committed", object=tid)
         try:
-            self.journal.add_transfer(transfer)
+            self.journal.add_transfer(transfer, req.destinations)
         except BaseException:
             _unlink_quiet(obj)
             raise
@@ -161,8 +163,8 @@ class Spool:
         fsync_dir(req.publish_to.parent)
         if req.src.parent != req.publish_to.parent:
             fsync_dir(req.src.parent)
-        log.info("committed transfer=%s tenant=%s user=%s size=%d sha256=%s", tid, req.tenant, req.user,
-                 size, sha256)
+        log.info("committed transfer=%s tenant=%s user=%s size=%d sha256=%s destinations=%s", tid, req.tenant,
+                 req.user, size, sha256, ",".join(req.destinations) or "(unrouted)")
         return transfer
 
     def object_path(self, transfer: Transfer) -> Path:

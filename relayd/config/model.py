@@ -95,6 +95,14 @@ class TenantConfig:
     routes: tuple[RouteConfig, ...] = ()
     retention: float = 7 * 86400.0
 
+    def destinations_for(self, path: str) -> tuple[str, ...]:
+        """Destinations of every route whose ``match`` fits ``path`` (in route order, no repeats)."""
+        out: list[str] = []
+        for route in self.routes:
+            if route.matches(path):
+                out.extend(d for d in route.to if d not in out)
+        return tuple(out)
+
     def is_temp_name(self, name: str) -> bool:
         """True if a file name (last path component) matches one of ``temp_patterns``."""
         return any(fnmatch.fnmatchcase(name, p) for p in self.temp_patterns)

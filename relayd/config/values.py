@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import functools
 import re
 from functools import lru_cache
 from typing import Any
@@ -90,6 +91,7 @@ def parse_duration(value: Any) -> float:
 
 
 @lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024)
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
     """Compile a route ``match`` glob; raise ``ValueError`` naming the problem if it is invalid.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -378,6 +379,9 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             self.usage.release(dst.st_size, 1)
 
     async def _commit(self, req: CommitRequest) -> None:
+        # Routes come from the current config (a reload applies to the relay at once).
+        tenant = self.ctx.config.tenants.get(self.tenant.name, self.tenant)
+        req = dataclasses.replace(req, destinations=tenant.destinations_for(req.path))
         loop = asyncio.get_running_loop()
         try:
             transfer = await loop.run_in_executor(None, self.ctx.spool.commit, req)

@@ -20,3 +20,27 @@ def test_sftp_upload_commits_with_digest(daemon: Daemon, keys: dict[str, Key], t
     assert rows[0]["size"] == size
     assert rows[0]["sha256"] == sha256_file(src)
     assert sha256_file(daemon.inbox("acme") / "f.bin") == sha256_file(src)
+
+
+def test_routes_fan_out_deliveries_at_commit(tmp_path: Path, keys: dict[str, Key]) -> None:
+    """Each matching route's destinations get one pending delivery; a file matching none is unrouted."""
+    from tests.conftest import two_tenants
+    from tests.helpers import base_config, free_port, relayd, run_daemon
+
+    port = free_port()
+    tenants = two_tenants(keys, routes=[{"match": "in/**", "to": ["archive", "partner"]},
+                                        {"match": "**/*.csv", "to": ["archive"]}])
+    cfg = base_config(tmp_path, port, tenants)
+    cfg["destinations"] = {"archive": {"type": "local", "path": str(tmp_path / "archive/{tenant}")},
+                           "partner": {"type": "local", "path": str(tmp_path / "partner")}}
+    with run_daemon(tmp_path / "d", cfg) as d:
+        src = make_file(tmp_path / "x.csv", 10)
+        r = d.sftp(keys["acme"], "acme-erp", f"mkdir /in\nput {src} /in/x.csv\nput {src} /top.bin\nput {src} /a.csv\n")
+        assert r.returncode == 0, r.stderr
+        by_path = {t["path"]: t for t in d.transfers()}
+        assert [(x["destination"], x["state"]) for x in by_path["/in/x.csv"]["deliveries"]] == [
+            ("archive", "pending"), ("partner", "pending")]
+        assert [x["destination"] for x in by_path["/a.csv"]["deliveries"]] == ["archive"]
+        assert by_path["/top.bin"]["unrouted"] is True and by_path["/top.bin"]["state"] == "committed"
+        table = relayd("transfers", "-c", str(d.config_path), check=True).stdout
+        assert "unrouted" in table and "archive:pending" in table
