@@ -190,10 +190,13 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "destinations.<name>.known_hosts": _K("path", None, "known_hosts file pinning the remote host key.",
                                           _REMOTE, _REMOTE),
     "destinations.<name>.concurrency": _K("integer >= 1", 4, "Deliveries run in parallel to this destination."),
-    "destinations.<name>.verify": _K("boolean", True, "Confirm size and SHA-256 at the far end before the "
-                                     "final rename.", ("local", "sftp")),
-    "destinations.<name>.on_conflict": _K("string", None, "What to do when the final name already exists "
-                                          "(interpreted by the delivery engine).", ("local", "sftp")),
+    "destinations.<name>.verify": _K("sha256 | size", "sha256", "What the far end confirms before the final "
+                                     "rename: size and SHA-256 (remote sha256sum over exec where the server "
+                                     "allows it, else size, noted on the delivery), or size only.",
+                                     ("local", "sftp")),
+    "destinations.<name>.on_conflict": _K("overwrite | rename | fail", "overwrite", "When the final name "
+                                          "already exists: replace it, keep both (new name), or fail the "
+                                          "delivery.", ("local", "sftp")),
     "destinations.<name>.sidecar": _K("boolean", False, "Also write the signed manifest next to the file.",
                                       ("local", "sftp")),
     "destinations.<name>.hmac_key_file": _K("path", None, "Key file for an HMAC over delivered sidecars.",

@@ -373,6 +373,13 @@ def _dest_file(ck: _Checker, path: str, value: _Node) -> Any:
 _DestConvert = Callable[[_Checker, str, _Node], Any]
 
 #: How each ``destinations.<name>.*`` value is checked and normalized (``type`` is handled apart).
+def _choice(ck: _Checker, path: str, value: _Node, allowed: tuple[str, ...]) -> str | None:
+    if value not in allowed:
+        ck.err(path, f"must be one of {', '.join(allowed)}, got {_kind(value)}")
+        return None
+    return str(value)
+
+
 _DEST_CONVERTERS: dict[str, _DestConvert] = {
     "path": lambda ck, p, v: ck.string(p, v),
     "host": _dest_host,
@@ -382,8 +389,8 @@ _DEST_CONVERTERS: dict[str, _DestConvert] = {
     "known_hosts": _dest_file,
     "hmac_key_file": _dest_file,
     "concurrency": lambda ck, p, v: ck.integer(p, v, None, 1),
-    "verify": lambda ck, p, v: ck.boolean(p, v, None),
-    "on_conflict": lambda ck, p, v: ck.string(p, v),
+    "verify": lambda ck, p, v: _choice(ck, p, v, ("sha256", "size")),
+    "on_conflict": lambda ck, p, v: _choice(ck, p, v, ("overwrite", "rename", "fail")),
     "sidecar": lambda ck, p, v: ck.boolean(p, v, None),
     "max_attempts": lambda ck, p, v: ck.integer(p, v, None, 1),
     "max_age": lambda ck, p, v: ck.duration(p, v, None, positive=True),

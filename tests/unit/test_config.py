@@ -134,7 +134,8 @@ def test_full_config_builds_frozen_typed_objects(tmp: Path) -> None:
     assert cfg.find_user("nobody") is None
     assert cfg.destinations["arch"] == DestinationConfig(
         name="arch", type="local",
-        options={"path": "archive/{tenant}", "sidecar": True, "verify": True, "concurrency": 4})
+        options={"path": "archive/{tenant}", "sidecar": True, "verify": "sha256", "concurrency": 4,
+                 "on_conflict": "overwrite"})
     peer = cfg.destinations["peer"].options
     assert peer["identity"] == tmp / "id" and peer["max_age"] == 2 * 86400.0
     assert peer["connect_timeout"] == 30.0 and peer["idle_timeout"] == 300.0 and "port" not in peer
@@ -440,7 +441,9 @@ BAD_CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("destination bad concurrency", _dest(type="local", path="/x", concurrency=0), "destinations.d.concurrency",
      "at least 1"),
     ("destination verify str", _dest(type="local", path="/x", verify="yes please"), "destinations.d.verify",
-     "true or false"),
+     "must be one of sha256, size"),
+    ("destination on_conflict", _dest(type="local", path="/x", on_conflict="skip"), "destinations.d.on_conflict",
+     "must be one of overwrite, rename, fail"),
     ("destination hmac missing", _dest(type="local", path="/x", hmac_key_file="/nonexistent/k"),
      "destinations.d.hmac_key_file", "file not found"),
     ("destination bad name", {"node": {"id": "g"}, "destinations": {"-x": {"type": "local", "path": "/"}}},
