@@ -89,6 +89,26 @@ def _cmd_transfers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retry(args: argparse.Namespace) -> int:
+    import time
+
+    from relayd.daemon import journal_path
+    from relayd.journal import Journal
+
+    config = load_config(args.config)
+    journal = Journal.open(journal_path(config))
+    try:
+        rows = journal.requeue(args.id, time.time())
+    finally:
+        journal.close()
+    if not rows:
+        print(f"relayd: no delivery or transfer with id {args.id}", file=sys.stderr)
+        return 1
+    for d in rows:
+        print(f"{d.id}  {d.destination}  {d.state}")
+    return 0
+
+
 def _delivery_summary(deliveries: list[Any]) -> str:
     if not deliveries:
         return "unrouted"
@@ -151,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tenant")
     sp.add_argument("--state")
     sp.add_argument("--since", help="RFC 3339 time, e.g. 2026-12-01T00:00:00Z")
+    sp = add("retry", "re-queue a failed delivery (by delivery id, or all of a transfer's by transfer id)",
+             _cmd_retry)
+    sp.add_argument("id", metavar="ID")
     sp = add("hash-password", "print an argon2id hash for a user's password_hash", _cmd_hash_password, False)
     sp.add_argument("--stdin", action="store_true", help="read the password from standard input")
     sp = add("init-demo", "write a demo config with generated keys", _cmd_init_demo, False)

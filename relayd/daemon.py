@@ -1,7 +1,8 @@
 """Daemon lifecycle: build services from config, run, reload on SIGHUP, drain on SIGTERM.
 
-Start order: journal → recovery → listeners → READY. Stop order: listeners → sessions drain
-(uploads in progress may finish until ``gateway.drain_timeout``) → journal close.
+Start order: journal → recovery → relay → listeners → READY. Stop order: listeners → sessions
+drain (uploads in progress may finish until ``gateway.drain_timeout``) → relay drain (attempts in
+flight get half that; interrupted ones resume at the next start) → journal close.
 Signal handlers only set events; all work is ordinary async code.
 """
 
@@ -22,6 +23,7 @@ from relayd.config import Config, ConfigError, load_config
 from relayd.gateway.context import GatewayContext
 from relayd.gateway.server import load_host_keys, start_listeners
 from relayd.journal import Journal
+from relayd.relay.scheduler import Relay
 from relayd.spool import Spool
 
 __all__ = ["Daemon", "run", "journal_path", "sd_notify"]
@@ -57,6 +59,7 @@ class Daemon:
         self.config_path = config_path
         self.stop_event = asyncio.Event()
         self.reload_event = asyncio.Event()
+        self.relay: Relay | None = None
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, drain, stop. Returns the exit code."""
@@ -68,6 +71,11 @@ class Daemon:
         spool.recover(cfg.tenants)
         ctx = GatewayContext(config=cfg, spool=spool)
         ctx.prepare_tenants()
+        relay = Relay(cfg, journal, spool)
+        ctx.on_commit = relay.wake
+        relay_task = asyncio.ensure_future(relay.run())
+        relay_task.add_done_callback(_report_crash)
+        self.relay = relay
         host_keys = load_host_keys(cfg)
         acceptors = await start_listeners(ctx, host_keys)
         loop = asyncio.get_running_loop()
@@ -98,6 +106,9 @@ class Daemon:
             for acceptor in acceptors:
                 acceptor.close()
             await self._drain(ctx)
+            await relay.stop(grace=max(1.0, ctx.config.gateway.drain_timeout / 2))
+            relay_task.cancel()
+            await asyncio.gather(relay_task, return_exceptions=True)
             journal.close()
             log.info("stopped")
         return 0
@@ -134,6 +145,8 @@ class Daemon:
             ctx.config = new
             self.config = new
             ctx.prepare_tenants()
+            if self.relay is not None:
+                self.relay.update_config(new)
             log.info("config reloaded tenants=%d", len(new.tenants))
         sd_notify("READY=1\nSTATUS=serving")
 
@@ -148,6 +161,11 @@ class Daemon:
             conn.close()
         while ctx.connections and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.05)
+
+
+def _report_crash(task: "asyncio.Task[None]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("relay loop crashed: %r", task.exception(), exc_info=task.exception())
 
 
 def run(config_path: str | Path) -> int:

@@ -209,10 +209,91 @@ class Journal:
             raise JournalError(f"cannot record transfer {t.id}: {exc}") from None
         return deliveries
 
+    # -- delivery scheduling -------------------------------------------------------------------
+
+    def reset_in_flight(self) -> int:
+        """Crash recovery: deliveries left ``sending`` go back to ``pending`` (they resume)."""
+        with self._tx():
+            cur = self._conn.execute("UPDATE deliveries SET state = 'pending', updated_at = ? WHERE state = 'sending'",
+                                     (utc_now(),))
+        return cur.rowcount
+
+    def claim_due(self, destination: str, limit: int, now: float) -> list[tuple[Delivery, Transfer]]:
+        """Mark up to ``limit`` due deliveries of ``destination`` as ``sending`` (attempts + 1)."""
+        if limit <= 0:
+            return []
+        with self._tx():
+            rows = self._conn.execute(
+                "SELECT id FROM deliveries WHERE destination = ? AND state IN ('pending', 'retry_wait')"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?", (destination, now, limit)).fetchall()
+            ids = [r[0] for r in rows]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            self._conn.execute(f"UPDATE deliveries SET state = 'sending', attempts = attempts + 1, updated_at = ?"
+                               f" WHERE id IN ({marks})", [utc_now(), *ids])
+            out = self._conn.execute(
+                f"SELECT d.*, t.tenant AS t_tenant, t.user AS t_user, t.source AS t_source, t.path AS t_path,"
+                f" t.size AS t_size, t.sha256 AS t_sha256, t.received_at AS t_received_at, t.state AS t_state,"
+                f" t.object AS t_object FROM deliveries d JOIN transfers t ON t.id = d.transfer_id"
+                f" WHERE d.id IN ({marks}) ORDER BY d.next_attempt_at, d.id", ids).fetchall()
+        result = []
+        for r in out:
+            row = dict(r)
+            t = Transfer(id=row["transfer_id"], **{k[2:]: row.pop(k) for k in list(row) if k.startswith("t_")})
+            result.append((Delivery(**row), t))
+        return result
+
+    def finish_delivery(self, delivery_id: str, state: str, *, last_error: str | None = None,
+                        next_attempt_at: float | None = None, remote_path: str | None = None,
+                        verified: str | None = None, remote_digest: str | None = None,
+                        bytes_sent: int | None = None) -> None:
+        """Record the outcome of an attempt (durable when this returns)."""
+        if state not in DELIVERY_STATES:
+            raise ValueError(f"unknown delivery state {state!r}")
+        sets = ["state = ?", "updated_at = ?", "last_error = ?"]
+        args: list[object] = [state, utc_now(), last_error]
+        for column, value in (("next_attempt_at", next_attempt_at), ("remote_path", remote_path),
+                              ("verified", verified), ("remote_digest", remote_digest)):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                args.append(value)
+        if bytes_sent is not None:
+            sets.append("bytes_sent = bytes_sent + ?")
+            args.append(bytes_sent)
+        with self._tx():
+            self._conn.execute(f"UPDATE deliveries SET {', '.join(sets)} WHERE id = ?", [*args, delivery_id])
+
+    def requeue(self, ident: str, now: float) -> list[Delivery]:
+        """``relayd retry``: put a delivery (by delivery id) or every unfinished/failed delivery of a
+        transfer (by transfer id) back to ``pending``, due now, with a fresh attempt count."""
+        with self._tx():
+            cur = self._conn.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
+                " WHERE (id = ? OR transfer_id = ?) AND state IN ('failed', 'retry_wait', 'pending')",
+                (now, utc_now(), ident, ident))
+            del cur
+            rows = self._conn.execute("SELECT * FROM deliveries WHERE id = ? OR transfer_id = ? ORDER BY rowid",
+                                      (ident, ident)).fetchall()
+        return [Delivery(**dict(r)) for r in rows]
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting delivery is due (unix time), or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT MIN(next_attempt_at) FROM deliveries"
+                                     " WHERE state IN ('pending', 'retry_wait')").fetchone()
+        return row[0]
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Number of deliveries per state."""
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def deliveries_of(self, transfer_id: str) -> list[Delivery]:
         """The deliveries of one transfer, in creation order."""
         with self._lock:
-            rows = self._conn.execute("SELECT * FROM deliveries WHERE transfer_id = ? ORDER BY id",
+            rows = self._conn.execute("SELECT * FROM deliveries WHERE transfer_id = ? ORDER BY rowid",
                                       (transfer_id,)).fetchall()
         return [Delivery(**dict(r)) for r in rows]
 
@@ -224,7 +305,7 @@ class Journal:
             chunk = ids[start:start + 500]
             with self._lock:
                 rows = self._conn.execute(
-                    f"SELECT * FROM deliveries WHERE transfer_id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                    f"SELECT * FROM deliveries WHERE transfer_id IN ({','.join('?' * len(chunk))}) ORDER BY rowid",
                     chunk).fetchall()
             for r in rows:
                 out[r["transfer_id"]].append(Delivery(**dict(r)))
@@ -246,7 +327,7 @@ class Journal:
                 where.append(f"{column} {op} ?")
                 args.append(value)
         sql = "SELECT * FROM transfers" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY id"
+        sql += " ORDER BY rowid"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)

@@ -209,7 +209,8 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
                                               _REMOTE),
     "destinations.<name>.idle_timeout": _K("duration", "5m", "Close an unused connection after this long.",
                                            _REMOTE),
-    "destinations.<name>.block_size": _K("size > 0", "256KiB", "SFTP read/write block size.", ("sftp",)),
+    "destinations.<name>.block_size": _K("size > 0", "255KiB", "SFTP write block size (OpenSSH's sftp-server "
+                                         "accepts at most 255 KiB).", ("sftp",)),
     "destinations.<name>.requests": _K("integer >= 1", 64, "Parallel SFTP requests in flight per file.",
                                        ("sftp",)),
 })

@@ -427,6 +427,9 @@ def _parse_destination(ck: _Checker, name: str, raw: _Node) -> DestinationConfig
         converted = _DEST_CONVERTERS[key](ck, _join(path, key), value)
         if converted is not None:
             options[key] = converted
+    if dtype == "local" and isinstance(options.get("path"), str) and not options["path"].startswith("/"):
+        # A local target folder, like every local path in the config, is relative to the config file.
+        options["path"] = str(ck.base_dir / options["path"])
     return DestinationConfig(name=name, type=dtype, options=MappingProxyType(options))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from relayd.config import Config, TenantConfig, UserConfig
 from relayd.gateway.quota import TenantUsage
@@ -37,6 +37,7 @@ class GatewayContext:
     draining: bool = False
     connections: dict[Any, Any] = field(default_factory=dict)
     uploads: set[Any] = field(default_factory=set)
+    on_commit: Callable[[], None] | None = None   # the relay's wake-up call
 
     def prepare_tenants(self) -> None:
         """Create spool folders for every configured tenant and (re)count their usage."""

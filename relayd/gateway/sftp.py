@@ -390,6 +390,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPFailure("Commit failed; the upload was not stored") from None
         log.info("upload committed %s path=%s size=%d transfer=%s", self._ctx(), req.path, transfer.size,
                  transfer.id)
+        if req.destinations and self.ctx.on_commit is not None:
+            self.ctx.on_commit()
 
     # -- files: open, read, write, close -------------------------------------------------------
 

@@ -134,7 +134,7 @@ def test_full_config_builds_frozen_typed_objects(tmp: Path) -> None:
     assert cfg.find_user("nobody") is None
     assert cfg.destinations["arch"] == DestinationConfig(
         name="arch", type="local",
-        options={"path": "archive/{tenant}", "sidecar": True, "verify": "sha256", "concurrency": 4,
+        options={"path": str(tmp / "archive/{tenant}"), "sidecar": True, "verify": "sha256", "concurrency": 4,
                  "on_conflict": "overwrite"})
     peer = cfg.destinations["peer"].options
     assert peer["identity"] == tmp / "id" and peer["max_age"] == 2 * 86400.0

@@ -1,0 +1,364 @@
+"""The ``sftp`` destination: any SFTP server, reached with asyncssh, host key pinned.
+
+* **Host key pinning**: ``known_hosts`` is required and the only source of trust (no ssh config,
+  no agent, no trust-on-first-use). An unknown or changed key fails with a retryable
+  :class:`DestinationError` and an ERROR log line containing ``ALERT``.
+* **Pool**: at most ``concurrency`` connections per destination, each with one SFTP session,
+  reused across deliveries and closed after ``idle_timeout`` unused (or on any error).
+* **Pipelined writes** from the spool file: blocks of ``block_size`` (capped at 261120, OpenSSH's
+  limit, and at the server's advertised limit), ``requests`` in flight; memory stays at about
+  ``block_size * requests`` per delivery.
+* **Verify**: ``sha256sum`` over an exec channel when the server allows it, else size (noted).
+* Modern algorithms only (the gateway's list: no SHA-1, no CBC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import asyncssh
+
+from relayd.config.model import DestinationConfig
+from relayd.config.schema import DEFAULT_ALGORITHMS
+from relayd.relay.destinations.base import (DestinationError, DigestUnavailable, Outcome, Payload, Target,
+                                            parse_on_conflict, parse_verify, publish, register)
+
+log = logging.getLogger("relayd.relay.destinations.sftp")
+
+MAX_BLOCK = 261120
+"""OpenSSH's sftp-server refuses larger writes (see shared/notes/asyncssh.md)."""
+_DIGEST_RE = re.compile(r"^\\?([0-9a-f]{64})[ *]")
+_DIGEST_RATE = 20 * 1024 * 1024
+"""Bytes/s assumed for the remote sha256sum when sizing its timeout (generous)."""
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One pooled SSH connection and its SFTP session."""
+
+    ssh: asyncssh.SSHClientConnection
+    sftp: asyncssh.SFTPClient
+    idle_timer: asyncio.TimerHandle | None = None
+    retired: bool = False
+    """Close instead of reuse when the delivery ends (set by :meth:`Pool.close`)."""
+
+
+class Pool:
+    """At most ``limit`` connections, reused; an idle one closes after ``idle_timeout`` seconds."""
+
+    def __init__(self, name: str, connect: Callable[[], Awaitable[_Conn]], limit: int,
+                 idle_timeout: float) -> None:
+        self._name = name
+        self._connect = connect
+        self._slots = asyncio.Semaphore(limit)
+        self._idle: list[_Conn] = []
+        self._busy: set[_Conn] = set()
+        self.idle_timeout = idle_timeout
+        self.opened = 0
+        """Connections opened so far (for tests and metrics)."""
+
+    @property
+    def size(self) -> int:
+        """Open connections (idle + in use)."""
+        return len(self._idle) + len(self._busy)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[_Conn]:
+        """A connection for one delivery; on any error it is closed instead of reused."""
+        async with self._slots:
+            conn = await self._take()
+            self._busy.add(conn)
+            ok = False
+            try:
+                yield conn
+                ok = True
+            finally:
+                self._busy.discard(conn)
+                if ok and not conn.retired and not conn.ssh.is_closed():
+                    self._park(conn)
+                else:
+                    conn.ssh.close()
+
+    async def _take(self) -> _Conn:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if not conn.ssh.is_closed():
+                return conn
+        conn = await self._connect()
+        self.opened += 1
+        return conn
+
+    def _park(self, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
+        conn.idle_timer = loop.call_later(self.idle_timeout, self._expire, conn)
+        self._idle.append(conn)
+
+    def _expire(self, conn: _Conn) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+            log.debug("dest=%s closing idle connection", self._name)
+            conn.ssh.close()
+
+    async def close(self) -> None:
+        """Close idle connections now; busy ones close when their delivery ends."""
+        for conn in self._busy:
+            conn.retired = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+            conn.ssh.close()
+        for conn in idle:
+            await conn.ssh.wait_closed()
+
+
+class SftpStore:
+    """:class:`~relayd.relay.destinations.base.Store` over one pooled SFTP connection."""
+
+    def __init__(self, conn: _Conn, block_size: int, requests: int, exec_timeout: float) -> None:
+        self._conn = conn
+        self._sftp = conn.sftp
+        limit = conn.sftp.limits.max_write_len or MAX_BLOCK
+        self._block = max(1, min(block_size, MAX_BLOCK, limit))
+        self._requests = requests
+        self._exec_timeout = exec_timeout
+
+    async def size_of(self, path: str) -> int | None:
+        """lstat: size of a regular file, None if missing."""
+        try:
+            attrs = await self._sftp.lstat(path)
+        except asyncssh.SFTPNoSuchFile:
+            return None
+        if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR and attrs.type != asyncssh.FILEXFER_TYPE_UNKNOWN:
+            raise DestinationError(f"{path} exists at the destination and is not a regular file", retryable=False)
+        return attrs.size or 0
+
+    async def makedirs(self, path: str) -> None:
+        """mkdir -p on the server."""
+        await self._sftp.makedirs(path, exist_ok=True)
+
+    async def upload(self, temp: str, source: Path, offset: int, size: int) -> int:
+        """Pipelined writes of ``source[offset:size]`` at their offsets; bounded memory."""
+        pflags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if offset == 0 else 0)
+        try:
+            fd = os.open(source, os.O_RDONLY)
+        except FileNotFoundError:
+            raise DestinationError(f"spool object {source.name} is missing", retryable=False) from None
+        loop = asyncio.get_running_loop()
+        try:
+            if os.fstat(fd).st_size != size:
+                raise DestinationError(f"spool object {source.name} has size {os.fstat(fd).st_size}, "
+                                       f"expected {size}", retryable=False)
+            async with self._sftp.open(temp, pflags, asyncssh.SFTPAttrs(permissions=0o644),
+                                       encoding=None, block_size=0) as f:  # 0: one request per write
+                pending: set[asyncio.Task[int]] = set()
+                try:
+                    pos = offset
+                    while pos < size:
+                        if len(pending) >= self._requests:
+                            pending = await _settle(pending, asyncio.FIRST_COMPLETED)
+                        n = min(self._block, size - pos)
+                        data = await loop.run_in_executor(None, os.pread, fd, n, pos)
+                        if len(data) != n:
+                            raise DestinationError(f"spool object {source.name} ended early", retryable=False)
+                        pending.add(asyncio.create_task(f.write(data, pos)))
+                        pos += n
+                    while pending:
+                        pending = await _settle(pending, asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in pending:
+                        task.cancel()
+                    if pending:
+                        await asyncio.wait(pending)
+                        for task in pending:
+                            if not task.cancelled():
+                                task.exception()  # retrieved: the first error is already on its way
+        finally:
+            os.close(fd)
+        return size - offset
+
+    async def sha256(self, path: str) -> str:
+        """``sha256sum`` over an exec channel; DigestUnavailable if refused or unparsable."""
+        try:
+            result = await self._conn.ssh.run(f"sha256sum -- {shlex.quote(path)}", stdin=asyncssh.DEVNULL,
+                                              check=False, timeout=self._exec_timeout)
+        except asyncssh.ChannelOpenError as e:
+            raise DigestUnavailable(f"exec refused: {e.reason}") from None
+        except asyncssh.TimeoutError:
+            raise DigestUnavailable("sha256sum timed out") from None
+        out = result.stdout if isinstance(result.stdout, str) else ""
+        match = _DIGEST_RE.match(out)
+        if result.exit_status != 0 or match is None:
+            detail = f"exit status {result.exit_status}" if result.exit_status else "no digest in its output"
+            raise DigestUnavailable(f"exec of sha256sum gave {detail}")
+        return match.group(1)
+
+    async def remove(self, path: str) -> None:
+        """Remove; missing is fine."""
+        with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+            await self._sftp.remove(path)
+
+    async def replace(self, temp: str, final: str) -> None:
+        """posix-rename@openssh.com; without it, plain rename (removing an existing final first)."""
+        try:
+            await self._sftp.posix_rename(temp, final)
+            return
+        except asyncssh.SFTPOpUnsupported:
+            pass
+        try:
+            await self._sftp.rename(temp, final)
+        except asyncssh.SFTPError:
+            if await self.size_of(final) is None:
+                raise
+            # Not atomic: a reader may briefly see no file under the final name.
+            await self._sftp.remove(final)
+            await self._sftp.rename(temp, final)
+
+    async def link_new(self, temp: str, final: str) -> bool:
+        """Plain SFTP rename, which fails when the target exists."""
+        try:
+            await self._sftp.rename(temp, final)
+        except asyncssh.SFTPError:
+            if await self.size_of(final) is not None:
+                return False
+            raise
+        return True
+
+    async def sync_dir(self, path: str) -> None:
+        """SFTP has no directory fsync; the server's rename is all we get."""
+
+
+@register("sftp")
+class SftpDestination:
+    """Publishes to a remote SFTP server (see the module docstring)."""
+
+    def __init__(self, config: DestinationConfig) -> None:
+        self.name = config.name
+        o = config.options
+        self.host = str(o["host"])
+        self.port = int(o.get("port") or 22)
+        self.user = str(o["user"])
+        self.identity = Path(o["identity"])
+        self.known_hosts = Path(o["known_hosts"])
+        self.target = Target.parse(config.name, str(o["path"]))
+        self.verify = parse_verify(config.name, o)
+        self.on_conflict = parse_on_conflict(config.name, o)
+        self.connect_timeout = float(o.get("connect_timeout", 30.0))
+        self.block_size = min(int(o.get("block_size", MAX_BLOCK)), MAX_BLOCK)
+        self.requests = int(o.get("requests", 64))
+        self.pool = Pool(self.name, self._connect, int(o.get("concurrency", 4)), float(o.get("idle_timeout", 300.0)))
+
+    @property
+    def where(self) -> str:
+        """``host:port`` for messages."""
+        return f"{self.host}:{self.port}"
+
+    async def deliver(self, payload: Payload) -> Outcome:
+        """Upload (or resume), verify, rename; see :func:`~relayd.relay.destinations.base.publish`."""
+        final = self.target.final_path(payload)
+        context = f"dest={self.name} delivery={payload.delivery_id}"
+        exec_timeout = self.connect_timeout + payload.size / _DIGEST_RATE
+        try:
+            async with self.pool.connection() as conn:
+                store = SftpStore(conn, self.block_size, self.requests, exec_timeout)
+                outcome = await publish(store, payload, final, verify=self.verify,
+                                        on_conflict=self.on_conflict, logger=log, context=context)
+        except DestinationError:
+            raise
+        except asyncssh.SFTPError as e:
+            raise DestinationError(f"SFTP error at {self.where}: {e.reason} (code {e.code})", retryable=True) from e
+        except (OSError, asyncssh.Error, asyncio.TimeoutError, EOFError) as e:
+            raise DestinationError(f"connection to {self.where} failed: {_describe(e)}", retryable=True) from e
+        except Exception as e:  # a bug or an unforeseen library error: log it whole, try again later
+            log.exception("%s unexpected error", context)
+            raise DestinationError(f"unexpected error: {type(e).__name__}", retryable=True) from e
+        if outcome.note:
+            log.warning("%s %s", context, outcome.note)
+        log.info("%s delivered %s (%d bytes sent, resumed from %d, verified %s)", context,
+                 outcome.remote_path, outcome.bytes_sent, outcome.resumed_from, outcome.verified)
+        return outcome
+
+    async def close(self) -> None:
+        """Close the idle pooled connections."""
+        await self.pool.close()
+
+    async def _connect(self) -> _Conn:
+        """Open a connection + SFTP session; map failures to :class:`DestinationError`."""
+        algs = DEFAULT_ALGORITHMS
+        options: dict[str, Any] = dict(
+            username=self.user, known_hosts=str(self.known_hosts),
+            agent_path=None, config=[], x509_trusted_certs=None, x509_trusted_cert_paths=[],
+            preferred_auth="publickey", password=None, connect_timeout=self.connect_timeout,
+            kex_algs=list(algs["kex"]), encryption_algs=list(algs["ciphers"]), mac_algs=list(algs["macs"]),
+            signature_algs=list(algs["signatures"]), compression_algs=list(algs["compression"]),
+            keepalive_interval=30, keepalive_count_max=3)
+        if not self.known_hosts.is_file():
+            raise DestinationError(f"known_hosts file for {self.where} is missing; the host key must be pinned",
+                                   retryable=True)
+        try:  # read on every connect, so a rotated key is picked up without a restart
+            options["client_keys"] = [asyncssh.read_private_key(self.identity)]
+        except (OSError, asyncssh.KeyImportError) as e:
+            log.error("dest=%s cannot use identity %s: %s", self.name, self.identity, _describe(e))
+            raise DestinationError(f"cannot use identity {self.identity.name} for {self.where}: {_describe(e)}",
+                                   retryable=True) from None
+        try:
+            ssh = await asyncio.wait_for(asyncssh.connect(self.host, self.port, **options),
+                                         self.connect_timeout)
+        except asyncssh.HostKeyNotVerifiable as e:
+            log.error("ALERT dest=%s host key mismatch for %s: the server's key is not the one pinned in %s "
+                      "(%s); refusing to connect", self.name, self.where, self.known_hosts, e.reason)
+            raise DestinationError(f"host key mismatch for {self.where}: not pinned in known_hosts "
+                                   f"({e.reason})", retryable=True) from None
+        except asyncssh.PermissionDenied as e:
+            log.error("dest=%s authentication failed at %s as %s with %s: %s", self.name, self.where,
+                      self.user, self.identity.name, e.reason)
+            raise DestinationError(f"authentication failed at {self.where} as {self.user}", retryable=True) from None
+        except (OSError, asyncssh.Error, asyncio.TimeoutError, EOFError) as e:
+            raise DestinationError(f"cannot connect to {self.where}: {_describe(e)}", retryable=True) from None
+        try:
+            sftp = await asyncio.wait_for(ssh.start_sftp_client(), self.connect_timeout)
+        except BaseException as e:
+            ssh.close()
+            if isinstance(e, (OSError, asyncssh.Error, asyncio.TimeoutError, EOFError)):
+                raise DestinationError(f"SFTP session at {self.where} failed: {_describe(e)}",
+                                       retryable=True) from None
+            raise
+        log.info("dest=%s connected to %s", self.name, self.where)
+        return _Conn(ssh, sftp)
+
+
+async def _settle(tasks: set[asyncio.Task[int]], when: str) -> set[asyncio.Task[int]]:
+    """Wait for some write requests; raise the first error (retrieving all); return the rest."""
+    done, rest = await asyncio.wait(tasks, return_when=when)
+    errors = [e for e in (t.exception() for t in done) if e is not None]
+    if errors:
+        for task in rest:
+            task.cancel()
+        if rest:
+            await asyncio.wait(rest)
+            for task in rest:
+                if not task.cancelled():
+                    task.exception()
+        raise errors[0]
+    return rest
+
+
+def _describe(e: BaseException) -> str:
+    """A short text for an exception (asyncssh errors carry ``reason``)."""
+    reason = getattr(e, "reason", None)
+    if reason:
+        return str(reason)
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    return str(e) or type(e).__name__

@@ -1,0 +1,193 @@
+"""The relay scheduler: claim due deliveries, run them on their destinations, record outcomes.
+
+One loop claims due deliveries from the journal per destination, up to that destination's
+``concurrency`` in flight, and runs each as a task. An attempt's outcome is written to the
+journal before anything else happens: ``delivered`` only after the destination confirmed size
+(and SHA-256) and renamed the file into place; a retryable error waits with exponential backoff
+and jitter (``retry_wait``) unless ``max_attempts``/``max_age`` are used up (``failed``).
+Deliveries interrupted by a crash are ``sending`` in the journal and go back to ``pending`` at
+start; the destination resumes their temp files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+from relayd.config import Config, DestinationConfig
+from relayd.journal import Delivery, Journal, Transfer
+from relayd.relay.destinations import Destination, DestinationError, Payload, create_destination
+from relayd.spool import Spool
+
+__all__ = ["Relay", "RetryPolicy"]
+
+log = logging.getLogger("relayd.relay")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: ``initial * 2**(attempt-1)``, capped, ±``jitter``."""
+
+    initial: float = 2.0
+    maximum: float = 300.0
+    jitter: float = 0.2
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt."""
+        base = min(self.maximum, self.initial * (2 ** max(0, attempts - 1)))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+class Relay:
+    """Runs deliveries until stopped. All journal calls go through a worker thread."""
+
+    def __init__(self, config: Config, journal: Journal, spool: Spool, policy: RetryPolicy | None = None,
+                 factory: Callable[[DestinationConfig], Destination] = create_destination):
+        self.config = config
+        self.journal = journal
+        self.spool = spool
+        self.policy = policy or RetryPolicy()
+        self._factory = factory
+        self._destinations: dict[str, tuple[DestinationConfig, Destination]] = {}
+        self._in_flight: dict[str, set[asyncio.Task[None]]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # -- control -------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Something may be due now (a commit happened, a retry was requested)."""
+        self._wake.set()
+
+    def update_config(self, config: Config) -> None:
+        """Apply a reloaded config: changed destinations are rebuilt on their next use."""
+        self.config = config
+        self.wake()
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries being attempted right now."""
+        return sum(len(tasks) for tasks in self._in_flight.values())
+
+    async def run(self) -> None:
+        """Claim and run due deliveries until :meth:`stop`."""
+        reset = await self._db(self.journal.reset_in_flight)
+        if reset:
+            log.info("recovery: %d interrupted deliveries will resume", reset)
+        while not self._stopping:
+            self._wake.clear()
+            now = time.time()
+            for name, dest_cfg in self.config.destinations.items():
+                limit = int(dest_cfg.options.get("concurrency") or 4) - len(self._in_flight.get(name, ()))
+                if limit <= 0:
+                    continue
+                for delivery, transfer in await self._db(self.journal.claim_due, name, limit, now):
+                    task = asyncio.ensure_future(self._attempt(delivery, transfer))
+                    tasks = self._in_flight.setdefault(name, set())
+                    tasks.add(task)
+                    task.add_done_callback(functools.partial(self._done, name))
+            next_due = await self._db(self.journal.next_due)
+            timeout = 1.0 if next_due is None else min(1.0, max(0.0, next_due - time.time()))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
+            except asyncio.TimeoutError:
+                pass
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let attempts in flight finish for ``grace`` seconds, then cancel them.
+
+        A cancelled attempt stays ``sending`` in the journal and resumes at the next start.
+        """
+        self._stopping = True
+        self.wake()
+        tasks = [t for ts in self._in_flight.values() for t in ts]
+        if tasks:
+            log.info("relay: waiting up to %.0fs for %d delivery attempt(s)", grace, len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for _, dest in self._destinations.values():
+            try:
+                await dest.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.debug("closing destination failed", exc_info=True)
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    def _done(self, name: str, task: asyncio.Task[None]) -> None:
+        self._in_flight.get(name, set()).discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task crashed: %r", task.exception())
+        self.wake()
+
+    def _destination(self, name: str) -> Destination:
+        cfg = self.config.destinations[name]
+        known = self._destinations.get(name)
+        if known is None or known[0] != cfg:
+            if known is not None:
+                asyncio.ensure_future(known[1].close())
+            known = (cfg, self._factory(cfg))
+            self._destinations[name] = known
+        return known[1]
+
+    async def _attempt(self, d: Delivery, t: Transfer) -> None:
+        ctx = f"delivery={d.id} transfer={t.id} dest={d.destination} attempt={d.attempts}"
+        if d.destination not in self.config.destinations:
+            await self._db(self.journal.finish_delivery, d.id, "failed",
+                           last_error="destination no longer configured")
+            log.error("delivery failed %s: destination no longer configured", ctx)
+            return
+        payload = Payload(delivery_id=d.id, transfer_id=t.id, tenant=t.tenant, user=t.user, path=t.path,
+                          source=self.spool.object_path(t), size=t.size, sha256=t.sha256, received_at=t.received_at)
+        started = time.monotonic()
+        try:
+            outcome = await self._destination(d.destination).deliver(payload)
+        except DestinationError as exc:
+            await self._failed(d, t, ctx, str(exc), exc.retryable)
+            return
+        except (OSError, asyncio.TimeoutError) as exc:
+            await self._failed(d, t, ctx, f"{type(exc).__name__}: {exc}", True)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug in a destination must not wedge the delivery
+            log.exception("delivery attempt crashed %s", ctx)
+            await self._failed(d, t, ctx, f"internal error: {type(exc).__name__}", True)
+            return
+        await self._db(self.journal.finish_delivery, d.id, "delivered", remote_path=outcome.remote_path,
+                       verified=outcome.verified, remote_digest=outcome.remote_digest,
+                       bytes_sent=outcome.bytes_sent, last_error=outcome.note or None)
+        log.info("delivered %s path=%s verified=%s bytes_sent=%d resumed_from=%d in %.2fs%s", ctx,
+                 outcome.remote_path, outcome.verified, outcome.bytes_sent, outcome.resumed_from,
+                 time.monotonic() - started, f" note={outcome.note}" if outcome.note else "")
+
+    async def _failed(self, d: Delivery, t: Transfer, ctx: str, error: str, retryable: bool) -> None:
+        opts = self.config.destinations[d.destination].options
+        max_attempts = opts.get("max_attempts")
+        max_age = opts.get("max_age")
+        age = time.time() - _epoch(t.received_at)
+        exhausted = ((max_attempts is not None and d.attempts >= max_attempts)
+                     or (max_age is not None and age >= max_age))
+        if retryable and not exhausted:
+            delay = self.policy.delay(d.attempts)
+            await self._db(self.journal.finish_delivery, d.id, "retry_wait", last_error=error,
+                           next_attempt_at=time.time() + delay)
+            log.warning("delivery attempt failed %s: %s; retry in %.1fs", ctx, error, delay)
+        else:
+            why = "not retryable" if not retryable else "retries exhausted"
+            await self._db(self.journal.finish_delivery, d.id, "failed", last_error=error)
+            log.error("delivery failed %s (%s): %s", ctx, why, error)
+
+    @staticmethod
+    async def _db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+
+def _epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()

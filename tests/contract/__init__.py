@@ -1,0 +1,1 @@
+"""Contract suites: one interface, every implementation, the same tests."""
