@@ -202,9 +202,12 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "destinations.<name>.hmac_key_file": _K("path", None, "Key file for an HMAC over delivered sidecars.",
                                             ("local", "sftp")),
     "destinations.<name>.max_attempts": _K("integer >= 1", None, "Give up (failed) after this many attempts; "
-                                           "not set: no limit.", _REMOTE),
+                                           "not set: no limit."),
     "destinations.<name>.max_age": _K("duration", None, "Give up (failed) when a delivery is older than "
-                                      "this; not set: no limit.", _REMOTE),
+                                      "this; not set: no limit."),
+    "destinations.<name>.retry_initial": _K("duration", "2s", "Wait after the first failed attempt; doubles "
+                                            "with each further failure (±20% jitter)."),
+    "destinations.<name>.retry_max": _K("duration", "5m", "Longest wait between two attempts."),
     "destinations.<name>.connect_timeout": _K("duration", "30s", "TCP connect + SSH handshake timeout.",
                                               _REMOTE),
     "destinations.<name>.idle_timeout": _K("duration", "5m", "Close an unused connection after this long.",

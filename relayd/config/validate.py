@@ -394,6 +394,8 @@ _DEST_CONVERTERS: dict[str, _DestConvert] = {
     "sidecar": lambda ck, p, v: ck.boolean(p, v, None),
     "max_attempts": lambda ck, p, v: ck.integer(p, v, None, 1),
     "max_age": lambda ck, p, v: ck.duration(p, v, None, positive=True),
+    "retry_initial": lambda ck, p, v: ck.duration(p, v, None, positive=True),
+    "retry_max": lambda ck, p, v: ck.duration(p, v, None, positive=True),
     "connect_timeout": lambda ck, p, v: ck.duration(p, v, None, positive=True),
     "idle_timeout": lambda ck, p, v: ck.duration(p, v, None),
     "block_size": lambda ck, p, v: ck.size(p, v, None),

@@ -175,7 +175,9 @@ class Relay:
         exhausted = ((max_attempts is not None and d.attempts >= max_attempts)
                      or (max_age is not None and age >= max_age))
         if retryable and not exhausted:
-            delay = self.policy.delay(d.attempts)
+            policy = RetryPolicy(initial=opts.get("retry_initial") or self.policy.initial,
+                                 maximum=opts.get("retry_max") or self.policy.maximum, jitter=self.policy.jitter)
+            delay = policy.delay(d.attempts)
             await self._db(self.journal.finish_delivery, d.id, "retry_wait", last_error=error,
                            next_attempt_at=time.time() + delay)
             log.warning("delivery attempt failed %s: %s; retry in %.1fs", ctx, error, delay)

@@ -135,7 +135,7 @@ def test_full_config_builds_frozen_typed_objects(tmp: Path) -> None:
     assert cfg.destinations["arch"] == DestinationConfig(
         name="arch", type="local",
         options={"path": str(tmp / "archive/{tenant}"), "sidecar": True, "verify": "sha256", "concurrency": 4,
-                 "on_conflict": "overwrite"})
+                 "on_conflict": "overwrite", "retry_initial": 2.0, "retry_max": 300.0})
     peer = cfg.destinations["peer"].options
     assert peer["identity"] == tmp / "id" and peer["max_age"] == 2 * 86400.0
     assert peer["connect_timeout"] == 30.0 and peer["idle_timeout"] == 300.0 and "port" not in peer
