@@ -22,7 +22,7 @@ import asyncssh
 from relayd.config import Config, ConfigError, load_config
 from relayd.gateway.context import GatewayContext
 from relayd.gateway.server import load_host_keys, start_listeners
-from relayd.journal import Journal
+from relayd.journal import Journal, JournalError
 from relayd.relay.scheduler import Relay
 from relayd.spool import Spool
 
@@ -116,6 +116,7 @@ class Daemon:
     async def _housekeeping(self, ctx: GatewayContext) -> None:
         """Watchdog pings, status line and the idle-session sweep."""
         watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        last_purge = 0.0
         while True:
             interval = 5.0
             if watchdog_usec:
@@ -129,8 +130,23 @@ class Daemon:
                 if idle_limit and gw_conn.idle_for(now) > idle_limit:
                     log.info("closing idle connection conn=%s after %.0fs", gw_conn.conn_id, idle_limit)
                     conn.disconnect(asyncssh.DISC_BY_APPLICATION, "Idle timeout")
+            retentions = [t.retention for t in ctx.config.tenants.values()]
+            if retentions and now - last_purge >= min(60.0, max(1.0, min(retentions))):
+                last_purge = now
+                await self._purge(ctx)
             status = f"STATUS=serving; {len(ctx.connections)} connection(s), {len(ctx.uploads)} upload(s) open"
             sd_notify(("WATCHDOG=1\n" if watchdog_usec else "") + status)
+
+    async def _purge(self, ctx: GatewayContext) -> None:
+        """Spool retention: purge objects whose deliveries all ended ``retention`` ago."""
+        loop = asyncio.get_running_loop()
+        for tenant in ctx.config.tenants.values():
+            try:
+                _, nbytes, files = await loop.run_in_executor(None, ctx.spool.purge, tenant.name, tenant.retention)
+            except (OSError, JournalError) as exc:
+                log.error("retention purge failed for tenant %s: %s", tenant.name, exc)
+            else:
+                ctx.usage_of(tenant.name).release(nbytes, files)
 
     def _reload(self, ctx: GatewayContext) -> None:
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")

@@ -277,6 +277,23 @@ class Journal:
                                       (ident, ident)).fetchall()
         return [Delivery(**dict(r)) for r in rows]
 
+    def purgeable(self, tenant: str, cutoff: str, limit: int = 1000) -> list[Transfer]:
+        """Committed transfers of ``tenant`` whose deliveries are all terminal (or that have none)
+        and whose last delivery change (or receipt) is at or before ``cutoff`` (RFC 3339)."""
+        terminal = ",".join(f"'{s}'" for s in sorted(TERMINAL_STATES))
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT t.* FROM transfers t WHERE t.tenant = ? AND t.state = 'committed'"
+                f" AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.transfer_id = t.id AND d.state NOT IN ({terminal}))"
+                " AND COALESCE((SELECT MAX(d.updated_at) FROM deliveries d WHERE d.transfer_id = t.id),"
+                " t.received_at) <= ? ORDER BY t.rowid LIMIT ?", (tenant, cutoff, limit)).fetchall()
+        return [Transfer(**dict(r)) for r in rows]
+
+    def mark_purged(self, transfer_ids: Sequence[str]) -> None:
+        """Record that the spool objects of these transfers are gone."""
+        with self._tx():
+            self._conn.executemany("UPDATE transfers SET state = 'purged' WHERE id = ?", [(i,) for i in transfer_ids])
+
     def next_due(self) -> float | None:
         """When the earliest waiting delivery is due (unix time), or None."""
         with self._lock:

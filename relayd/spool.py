@@ -19,7 +19,9 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
@@ -170,6 +172,46 @@ class Spool:
     def object_path(self, transfer: Transfer) -> Path:
         """Where the committed content of ``transfer`` lives."""
         return self.dirs(transfer.tenant).objects / transfer.object
+
+    def purge(self, tenant: str, retention: float, now: float | None = None) -> tuple[int, int, int]:
+        """Retention: remove spool objects of ``tenant`` whose deliveries all ended ``retention``
+        seconds ago; the transfers stay in the journal as ``purged``. The inbox name goes too when
+        it still is that object (not replaced by a later upload). Blocking.
+
+        Returns ``(purged, inbox_bytes, inbox_files)``: the last two are what the tenant's quota
+        gets back.
+        """
+        when = datetime.fromtimestamp((time.time() if now is None else now) - retention, timezone.utc)
+        cutoff = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        purged = inbox_bytes = inbox_files = 0
+        d = self.dirs(tenant)
+        while True:
+            batch = self.journal.purgeable(tenant, cutoff)
+            if not batch:
+                break
+            for t in batch:
+                obj = d.objects / t.object
+                try:
+                    ost = os.lstat(obj)
+                except FileNotFoundError:
+                    continue
+                name = d.inbox / t.path.lstrip("/")
+                try:
+                    nst = os.lstat(name)
+                except (FileNotFoundError, NotADirectoryError):
+                    nst = None
+                if nst is not None and (nst.st_dev, nst.st_ino) == (ost.st_dev, ost.st_ino):
+                    _unlink_quiet(name)
+                    inbox_bytes += nst.st_size
+                    inbox_files += 1
+                _unlink_quiet(obj)
+            fsync_dir(d.objects)
+            self.journal.mark_purged([t.id for t in batch])
+            purged += len(batch)
+        if purged:
+            log.info("retention: purged %d transfer(s) of tenant %s (%d file(s) left the inbox)", purged, tenant,
+                     inbox_files)
+        return purged, inbox_bytes, inbox_files
 
     def recover(self, tenants: Iterable[str]) -> dict[str, int]:
         """Crash recovery: drop partial uploads and objects whose commit never reached the journal."""

@@ -56,3 +56,35 @@ def test_failed_delivery_then_relayd_retry(tmp_path: Path, keys: dict[str, Key])
         wait_for(lambda: _states(d, "/g.bin") == [("x", "delivered")], 30, interval=0.1, what="delivered after retry")
         assert sha256_file(blocker / "out/g.bin") == sha256_file(src)
         assert relayd("retry", "-c", str(d.config_path), "NOSUCHID").returncode == 1
+
+
+def test_retention_purges_after_all_deliveries_ended(tmp_path: Path, keys: dict[str, Key]) -> None:
+    """Spool objects are kept `retention` after the last delivery ended, then purged (transfer: purged)."""
+    port = free_port()
+    tenants = two_tenants(keys, routes=[{"match": "keep/**", "to": ["slow"]}, {"match": "*.bin", "to": ["a"]}],
+                          retention="1s")
+    cfg = base_config(tmp_path, port, tenants)
+    key = keys["stranger"]
+    (tmp_path / "known_hosts").write_text("")
+    # Nothing listens on this port: every attempt fails retryably, so the delivery never ends.
+    cfg["destinations"] = {"a": _local_dest(tmp_path / "A"),
+                           "slow": {"type": "sftp", "host": "127.0.0.1", "port": free_port(), "user": "x",
+                                    "identity": str(key.path), "known_hosts": str(tmp_path / "known_hosts"),
+                                    "path": "/in", "retry_initial": "0.2s", "retry_max": "0.5s"}}
+    with run_daemon(tmp_path / "d", cfg) as d:
+        src = make_file(tmp_path / "r.bin", 5000)
+        r = d.sftp(keys["acme"], "acme-erp", f"put {src} /r.bin\nmkdir /keep\nput {src} /keep/k.dat\nput {src} /u.txt\n")
+        assert r.returncode == 0, r.stderr
+        objects = d.spool / "acme" / "objects"
+
+        def state(path: str) -> str:
+            return next(t["state"] for t in d.transfers() if t["path"] == path)
+        wait_for(lambda: state("/r.bin") == "purged" and state("/u.txt") == "purged", 30, interval=0.2,
+                 what="delivered and unrouted transfers purged after retention")
+        assert sha256_file(tmp_path / "A/r.bin") == sha256_file(src)  # the delivered copy stays
+        assert not (d.inbox("acme") / "r.bin").exists()
+        # /keep/k.dat's delivery keeps failing retryably (not terminal): its object stays.
+        assert state("/keep/k.dat") == "committed"
+        kept = next(t for t in d.transfers() if t["path"] == "/keep/k.dat")
+        assert (objects / kept["object"]).exists() and (d.inbox("acme") / "keep/k.dat").exists()
+        assert len(list(objects.iterdir())) == 1
