@@ -92,8 +92,12 @@ class Relay:
                     tasks = self._in_flight.setdefault(name, set())
                     tasks.add(task)
                     task.add_done_callback(functools.partial(self._done, name))
+            # Sleep until woken (a commit, a finished attempt, a retry request) or until the next
+            # retry falls due; at most 1 s, so changes made by other processes are seen too.
+            # Deliveries already due but not claimed wait for a destination slot (a wake).
             next_due = await self._db(self.journal.next_due)
-            timeout = 1.0 if next_due is None else min(1.0, max(0.0, next_due - time.time()))
+            now = time.time()
+            timeout = 1.0 if next_due is None or next_due <= now else min(1.0, next_due - now)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
             except asyncio.TimeoutError:
