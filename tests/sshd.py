@@ -175,6 +175,10 @@ def _write_config(workdir: Path, *, port: int, host: str, user: str, host_key: P
         "PermitTunnel no",
         "MaxStartups 100:30:200",
         "LogLevel INFO",
+        # Like a plain remote account: Debian's bash sources ~/.bashrc for commands run by sshd
+        # when SHLVL is unset, and on a dev box that file may be slow (pyenv init: ~150 ms per
+        # command), which every exec (relayd's remote sha256sum) would pay.
+        "SetEnv SHLVL=1",
         f"Subsystem sftp {sftp}",
     ]
     if chroot is not None:
