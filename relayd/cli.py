@@ -82,8 +82,12 @@ def _cmd_transfers(args: argparse.Namespace) -> int:
     table = [(t.id, t.received_at[:19].replace("T", " "), t.tenant, t.user, t.state, _human(t.size),
               t.sha256[:12], t.path, _delivery_summary(deliveries[t.id])) for t in rows]
     widths = [max(len(str(r[i])) for r in [headers, *table]) for i in range(len(headers))]
-    for row in [headers, *table]:
+    print("  ".join(str(v).ljust(w) for v, w in zip(headers, widths)).rstrip())
+    for t, row in zip(rows, table):
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        for d in deliveries[t.id]:
+            if d.last_error and d.state != "delivered":
+                print(f"    {d.destination}: {d.state} after {d.attempts} attempt(s): {d.last_error}")
     if not rows:
         print("(no transfers)")
     return 0

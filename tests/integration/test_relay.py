@@ -50,6 +50,8 @@ def test_failed_delivery_then_relayd_retry(tmp_path: Path, keys: dict[str, Key])
                  interval=0.1, what="first attempt failed")
         row = d.transfers()[0]["deliveries"][0]
         assert row["last_error"] and row["attempts"] >= 1
+        table = relayd("transfers", "-c", str(d.config_path), check=True).stdout
+        assert f"x: {row['state']} after" in table and "attempt(s): " in table
         blocker.unlink()
         r = relayd("retry", "-c", str(d.config_path), row["id"])
         assert r.returncode == 0, r.stderr
