@@ -66,6 +66,8 @@ _SCHEMA = [
 DELIVERY_STATES = ("pending", "sending", "delivered", "retry_wait", "failed", "denied", "quarantined",
                    "cancelled")
 TERMINAL_STATES = frozenset({"delivered", "failed", "denied", "quarantined", "cancelled"})
+_FINISH_FIELDS = frozenset({"last_error", "next_attempt_at", "remote_path", "verified", "remote_digest",
+                            "bytes_sent"})
 
 
 class JournalError(Exception):
@@ -244,25 +246,34 @@ class Journal:
             result.append((Delivery(**row), t))
         return result
 
-    def finish_delivery(self, delivery_id: str, state: str, *, last_error: str | None = None,
-                        next_attempt_at: float | None = None, remote_path: str | None = None,
-                        verified: str | None = None, remote_digest: str | None = None,
-                        bytes_sent: int | None = None) -> None:
-        """Record the outcome of an attempt (durable when this returns)."""
-        if state not in DELIVERY_STATES:
-            raise ValueError(f"unknown delivery state {state!r}")
-        sets = ["state = ?", "updated_at = ?", "last_error = ?"]
-        args: list[object] = [state, utc_now(), last_error]
-        for column, value in (("next_attempt_at", next_attempt_at), ("remote_path", remote_path),
-                              ("verified", verified), ("remote_digest", remote_digest)):
-            if value is not None:
-                sets.append(f"{column} = ?")
-                args.append(value)
-        if bytes_sent is not None:
-            sets.append("bytes_sent = bytes_sent + ?")
-            args.append(bytes_sent)
+    def finish_delivery(self, delivery_id: str, state: str, **fields: Any) -> None:
+        """Record the outcome of an attempt (durable when this returns). ``fields``: last_error,
+        next_attempt_at, remote_path, verified, remote_digest, bytes_sent (added)."""
+        self.finish_deliveries([(delivery_id, state, fields)])
+
+    def finish_deliveries(self, outcomes: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        """Record several outcomes in one transaction (group commit: one fsync for all)."""
+        now = utc_now()
+        statements = []
+        for delivery_id, state, fields in outcomes:
+            if state not in DELIVERY_STATES:
+                raise ValueError(f"unknown delivery state {state!r}")
+            unknown = set(fields) - _FINISH_FIELDS
+            if unknown:
+                raise ValueError(f"unknown delivery fields {sorted(unknown)}")
+            sets = ["state = ?", "updated_at = ?", "last_error = ?"]
+            args: list[object] = [state, now, fields.get("last_error")]
+            for column in ("next_attempt_at", "remote_path", "verified", "remote_digest"):
+                if fields.get(column) is not None:
+                    sets.append(f"{column} = ?")
+                    args.append(fields[column])
+            if fields.get("bytes_sent") is not None:
+                sets.append("bytes_sent = bytes_sent + ?")
+                args.append(fields["bytes_sent"])
+            statements.append((f"UPDATE deliveries SET {', '.join(sets)} WHERE id = ?", [*args, delivery_id]))
         with self._tx():
-            self._conn.execute(f"UPDATE deliveries SET {', '.join(sets)} WHERE id = ?", [*args, delivery_id])
+            for sql, args in statements:
+                self._conn.execute(sql, args)
 
     def requeue(self, ident: str, now: float) -> list[Delivery]:
         """``relayd retry``: put a delivery (by delivery id) or every unfinished/failed delivery of a

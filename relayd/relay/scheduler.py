@@ -58,6 +58,8 @@ class Relay:
         self._in_flight: dict[str, set[asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self._finishes: list[tuple[str, str, dict[str, Any], asyncio.Future[None]]] = []
+        self._finisher: asyncio.Task[None] | None = None
 
     # -- control -------------------------------------------------------------------------------
 
@@ -145,8 +147,7 @@ class Relay:
     async def _attempt(self, d: Delivery, t: Transfer) -> None:
         ctx = f"delivery={d.id} transfer={t.id} dest={d.destination} attempt={d.attempts}"
         if d.destination not in self.config.destinations:
-            await self._db(self.journal.finish_delivery, d.id, "failed",
-                           last_error="destination no longer configured")
+            await self._finish(d.id, "failed", last_error="destination no longer configured")
             log.error("delivery failed %s: destination no longer configured", ctx)
             return
         payload = Payload(delivery_id=d.id, transfer_id=t.id, tenant=t.tenant, user=t.user, path=t.path,
@@ -164,7 +165,7 @@ class Relay:
             log.exception("delivery attempt crashed %s", ctx)
             await self._failed(d, t, ctx, f"internal error: {type(exc).__name__}", True)
             return
-        await self._db(self.journal.finish_delivery, d.id, "delivered", remote_path=outcome.remote_path,
+        await self._finish(d.id, "delivered", remote_path=outcome.remote_path,
                        verified=outcome.verified, remote_digest=outcome.remote_digest,
                        bytes_sent=outcome.bytes_sent, last_error=outcome.note or None)
         log.info("delivered %s path=%s verified=%s bytes_sent=%d resumed_from=%d in %.2fs%s", ctx,
@@ -182,13 +183,35 @@ class Relay:
             policy = RetryPolicy(initial=opts.get("retry_initial") or self.policy.initial,
                                  maximum=opts.get("retry_max") or self.policy.maximum, jitter=self.policy.jitter)
             delay = policy.delay(d.attempts)
-            await self._db(self.journal.finish_delivery, d.id, "retry_wait", last_error=error,
+            await self._finish(d.id, "retry_wait", last_error=error,
                            next_attempt_at=time.time() + delay)
             log.warning("delivery attempt failed %s: %s; retry in %.1fs", ctx, error, delay)
         else:
             why = "not retryable" if not retryable else "retries exhausted"
-            await self._db(self.journal.finish_delivery, d.id, "failed", last_error=error)
+            await self._finish(d.id, "failed", last_error=error)
             log.error("delivery failed %s (%s): %s", ctx, why, error)
+
+    async def _finish(self, delivery_id: str, state: str, **fields: Any) -> None:
+        """Record an outcome; outcomes arriving while a journal commit runs share the next one."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finishes.append((delivery_id, state, fields, fut))
+        if self._finisher is None or self._finisher.done():
+            self._finisher = asyncio.ensure_future(self._write_finishes())
+        await fut
+
+    async def _write_finishes(self) -> None:
+        while self._finishes:
+            batch, self._finishes = self._finishes, []
+            try:
+                await self._db(self.journal.finish_deliveries, [(i, st, f) for i, st, f, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                for *_, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            else:
+                for *_, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
 
     @staticmethod
     async def _db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

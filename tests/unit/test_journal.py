@@ -65,3 +65,26 @@ def test_newer_journal_refused(tmp_path: Path) -> None:
 def test_ids_sort_by_time() -> None:
     ids = [new_id() for _ in range(50)]
     assert len(set(ids)) == 50 and all(len(i) == 26 for i in ids)
+
+
+def test_claim_finish_and_requeue(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path / "j.db")
+    t1, t2 = _transfer(), _transfer(path="/b.csv")
+    j.add_transfer(t1, ["p"])
+    j.add_transfer(t2, ["p", "q"])
+    claimed = j.claim_due("p", 10, now=9e12)
+    assert [(d.transfer_id, d.attempts, d.state) for d, _ in claimed] == [(t1.id, 1, "sending"), (t2.id, 1, "sending")]
+    assert claimed[1][1] == t2  # the transfer comes with its delivery
+    assert j.claim_due("p", 10, now=9e12) == []  # sending: not claimed twice
+    (d1, _), (d2, _) = claimed
+    j.finish_deliveries([(d1.id, "delivered", {"remote_path": "/x", "verified": "sha256", "bytes_sent": 3}),
+                         (d2.id, "retry_wait", {"last_error": "boom", "next_attempt_at": 5.0})])
+    got = {d.id: d for d in j.deliveries_of(t1.id) + j.deliveries_of(t2.id)}
+    assert got[d1.id].state == "delivered" and got[d1.id].bytes_sent == 3 and got[d1.id].remote_path == "/x"
+    assert got[d2.id].state == "retry_wait" and got[d2.id].last_error == "boom"
+    with pytest.raises(ValueError):
+        j.finish_delivery(d1.id, "delivered", colour="blue")
+    j.finish_delivery(d2.id, "failed", last_error="gave up")
+    assert [d.state for d in j.requeue(d2.id, now=1.0)] == ["pending"]
+    assert j.delivery_counts() == {"delivered": 1, "pending": 2}
+    assert j.reset_in_flight() == 0
