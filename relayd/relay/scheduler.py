@@ -173,7 +173,8 @@ class Relay:
                  time.monotonic() - started, f" note={outcome.note}" if outcome.note else "")
 
     async def _failed(self, d: Delivery, t: Transfer, ctx: str, error: str, retryable: bool) -> None:
-        opts = self.config.destinations[d.destination].options
+        dest_cfg = self.config.destinations.get(d.destination)  # may be gone after a reload
+        opts: Any = dest_cfg.options if dest_cfg is not None else {}
         max_attempts = opts.get("max_attempts")
         max_age = opts.get("max_age")
         age = time.time() - _epoch(t.received_at)
