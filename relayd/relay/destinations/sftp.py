@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -96,6 +96,9 @@ class _Conn:
     idle_timer: asyncio.TimerHandle | None = None
     retired: bool = False
     """Close instead of reuse when the delivery ends (set by :meth:`Pool.close`)."""
+    dirs: set[str] = field(default_factory=set)
+    """Directories this connection created or found (a connection that hits any error is closed,
+    so a directory removed behind our back costs one retried attempt, not a wrong result)."""
 
 
 class Pool:
@@ -194,8 +197,11 @@ class SftpStore:
         return attrs.size or 0
 
     async def makedirs(self, path: str) -> None:
-        """mkdir -p on the server."""
+        """mkdir -p on the server (skipped for directories this connection already made or saw)."""
+        if path in self._conn.dirs:
+            return
         await self._sftp.makedirs(path, exist_ok=True)
+        self._conn.dirs.add(path)
 
     async def upload(self, temp: str, source: Path, offset: int, size: int) -> int:
         """Pipelined writes of ``source[offset:size]`` at their offsets; bounded memory.
