@@ -23,6 +23,7 @@ delivery logic once, so every kind keeps the same contract (tests/contract):
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -257,6 +258,23 @@ def _utc_date(received_at: str) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.astimezone(timezone.utc).strftime("%Y-%m-%d")
+
+
+def open_spool_object(source: Path, size: int) -> int:
+    """Open a committed spool object for reading; it must exist and have ``size`` bytes.
+
+    Returns the fd (the caller closes it); a missing or wrong-size object is a
+    non-retryable :class:`DestinationError`.
+    """
+    try:
+        fd = os.open(source, os.O_RDONLY)
+    except FileNotFoundError:
+        raise DestinationError(f"spool object {source.name} is missing", retryable=False) from None
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        os.close(fd)
+        raise DestinationError(f"spool object {source.name} has size {actual}, expected {size}", retryable=False)
+    return fd
 
 
 def temp_name(final: str, delivery_id: str) -> str:

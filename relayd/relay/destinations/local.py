@@ -16,8 +16,8 @@ import stat
 from pathlib import Path
 
 from relayd.config.model import DestinationConfig
-from relayd.relay.destinations.base import (DestinationError, Outcome, Payload, Target, parse_on_conflict,
-                                            parse_verify, publish, register)
+from relayd.relay.destinations.base import (DestinationError, Outcome, Payload, Target, open_spool_object,
+                                            parse_on_conflict, parse_verify, publish, register)
 
 log = logging.getLogger("relayd.relay.destinations.local")
 
@@ -102,14 +102,8 @@ def _makedirs_durable(path: str) -> None:
 
 def _copy(temp: str, source: Path, offset: int, size: int) -> int:
     """Stream the source into the temp file from ``offset``; fsync; return bytes written."""
+    src = open_spool_object(source, size)
     try:
-        src = os.open(source, os.O_RDONLY)
-    except FileNotFoundError:
-        raise DestinationError(f"spool object {source.name} is missing", retryable=False) from None
-    try:
-        if os.fstat(src).st_size != size:
-            raise DestinationError(f"spool object {source.name} has size {os.fstat(src).st_size}, expected "
-                                   f"{size}", retryable=False)
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if offset == 0 else 0)
         dst = os.open(temp, flags, 0o644)
         try:

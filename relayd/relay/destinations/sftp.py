@@ -30,7 +30,7 @@ import asyncssh
 from relayd.config.model import DestinationConfig
 from relayd.config.schema import DEFAULT_ALGORITHMS
 from relayd.relay.destinations.base import (DestinationError, DigestUnavailable, Outcome, Payload, Target,
-                                            parse_on_conflict, parse_verify, publish, register)
+                                            open_spool_object, parse_on_conflict, parse_verify, publish, register)
 
 log = logging.getLogger("relayd.relay.destinations.sftp")
 
@@ -212,14 +212,8 @@ class SftpStore:
         ``requests`` blocks are held at once.
         """
         pflags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if offset == 0 else 0)
+        fd = open_spool_object(source, size)
         try:
-            fd = os.open(source, os.O_RDONLY)
-        except FileNotFoundError:
-            raise DestinationError(f"spool object {source.name} is missing", retryable=False) from None
-        try:
-            if os.fstat(fd).st_size != size:
-                raise DestinationError(f"spool object {source.name} has size {os.fstat(fd).st_size}, "
-                                       f"expected {size}", retryable=False)
             with contextlib.suppress(AttributeError, OSError):
                 os.posix_fadvise(fd, offset, size - offset, os.POSIX_FADV_SEQUENTIAL)
             async with self._sftp.open(temp, pflags, asyncssh.SFTPAttrs(permissions=0o644),
@@ -245,13 +239,7 @@ class SftpStore:
                     while workers:
                         workers = await _settle(workers, asyncio.FIRST_EXCEPTION)
                 finally:
-                    for task in workers:
-                        task.cancel()
-                    if workers:
-                        await asyncio.wait(workers)
-                        for task in workers:
-                            if not task.cancelled():
-                                task.exception()  # retrieved: the first error is already on its way
+                    await _cancel_all(workers)
         finally:
             os.close(fd)
         return size - offset
@@ -422,15 +410,20 @@ async def _settle(tasks: set[asyncio.Task[Any]], when: str) -> set[asyncio.Task[
     done, rest = await asyncio.wait(tasks, return_when=when)
     errors = [e for e in (t.exception() for t in done) if e is not None]
     if errors:
-        for task in rest:
-            task.cancel()
-        if rest:
-            await asyncio.wait(rest)
-            for task in rest:
-                if not task.cancelled():
-                    task.exception()
+        await _cancel_all(rest)
         raise errors[0]
     return rest
+
+
+async def _cancel_all(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel tasks and wait for them, retrieving their errors (the first one is already raised)."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()
 
 
 def _describe(e: BaseException) -> str:
