@@ -189,7 +189,8 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
                                        _REMOTE),
     "destinations.<name>.known_hosts": _K("path", None, "known_hosts file pinning the remote host key.",
                                           _REMOTE, _REMOTE),
-    "destinations.<name>.concurrency": _K("integer >= 1", 4, "Deliveries run in parallel to this destination."),
+    "destinations.<name>.concurrency": _K("integer >= 1", 4, "Deliveries run in parallel to this destination "
+                                          "(sftp: connections, each shared by `streams` deliveries)."),
     "destinations.<name>.verify": _K("sha256 | size", "sha256", "What the far end confirms before the final "
                                      "rename: size and SHA-256 (remote sha256sum over exec where the server "
                                      "allows it, else size, noted on the delivery), or size only.",
@@ -214,8 +215,11 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
                                            _REMOTE),
     "destinations.<name>.block_size": _K("size > 0", "255KiB", "SFTP write block size (OpenSSH's sftp-server "
                                          "accepts at most 255 KiB).", ("sftp",)),
-    "destinations.<name>.requests": _K("integer >= 1", 64, "Parallel SFTP requests in flight per file.",
-                                       ("sftp",)),
+    "destinations.<name>.requests": _K("integer >= 1", 64, "SFTP write requests in flight per connection "
+                                       "(memory: about block_size x requests per connection).", ("sftp",)),
+    "destinations.<name>.streams": _K("integer >= 1", 8, "Deliveries that share one connection at a time, so "
+                                      "small files go out many at once (in flight: concurrency x streams).",
+                                      ("sftp",)),
 })
 
 #: One line per key: ``type; default ...; meaning``. Rendered from :data:`KEYS`.

@@ -400,6 +400,7 @@ _DEST_CONVERTERS: dict[str, _DestConvert] = {
     "idle_timeout": lambda ck, p, v: ck.duration(p, v, None),
     "block_size": lambda ck, p, v: ck.size(p, v, None),
     "requests": lambda ck, p, v: ck.integer(p, v, None, 1),
+    "streams": lambda ck, p, v: ck.integer(p, v, None, 1),
 }
 
 

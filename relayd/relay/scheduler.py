@@ -85,8 +85,8 @@ class Relay:
         while not self._stopping:
             self._wake.clear()
             now = time.time()
-            for name, dest_cfg in self.config.destinations.items():
-                limit = int(dest_cfg.options.get("concurrency") or 4) - len(self._in_flight.get(name, ()))
+            for name in self.config.destinations:
+                limit = self._slots(name) - len(self._in_flight.get(name, ()))
                 if limit <= 0:
                     continue
                 for delivery, transfer in await self._db(self.journal.claim_due, name, limit, now):
@@ -134,6 +134,14 @@ class Relay:
             log.error("delivery task crashed: %r", task.exception())
         self.wake()
 
+    def _slots(self, name: str) -> int:
+        """How many deliveries ``name`` may run at once (0 if it cannot be built)."""
+        try:
+            return max(1, int(self._destination(name).slots))
+        except ValueError as exc:  # validated at load; keep the relay alive if a kind disagrees
+            log.error("destination %s unusable: %s", name, exc)
+            return 0
+
     def _destination(self, name: str) -> Destination:
         cfg = self.config.destinations[name]
         known = self._destinations.get(name)
@@ -151,7 +159,8 @@ class Relay:
             log.error("delivery failed %s: destination no longer configured", ctx)
             return
         payload = Payload(delivery_id=d.id, transfer_id=t.id, tenant=t.tenant, user=t.user, path=t.path,
-                          source=self.spool.object_path(t), size=t.size, sha256=t.sha256, received_at=t.received_at)
+                          source=self.spool.object_path(t), size=t.size, sha256=t.sha256, received_at=t.received_at,
+                          fresh=d.attempts == 1 and d.last_error is None)
         started = time.monotonic()
         try:
             outcome = await self._destination(d.destination).deliver(payload)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-from relayd.relay.destinations.sftp import DigestCommands, SftpDestination, _openssl_command
+from relayd.relay.destinations.sftp import DigestCommands, SftpDestination, _openssl_command, _parse_digests
 from tests.contract.conftest import DestEnv, Remote, run
 from tests.helpers import sha256_file
 
@@ -26,8 +27,17 @@ def test_digest_commands_learn_what_works() -> None:
 
 
 def test_openssl_command_quotes_and_guards_dash() -> None:
-    assert _openssl_command("/a b/c.part") == "openssl dgst -sha256 -r '/a b/c.part'"
-    assert _openssl_command("-x.part") == "openssl dgst -sha256 -r ./-x.part"
+    assert _openssl_command(["/a b/c.part"]) == "openssl dgst -sha256 -r '/a b/c.part'"
+    assert _openssl_command(["-x.part"]) == "openssl dgst -sha256 -r ./-x.part"
+    assert _openssl_command(["/a", "/b c"]) == "openssl dgst -sha256 -r /a '/b c'"
+
+
+def test_parse_digests_matches_by_path() -> None:
+    a, b = "a" * 64, "b" * 64
+    out = f"{a} */x/one\n{b}  /x/two words\nopenssl: /x/three: No such file\n\\{a}  /x/esc\n"
+    assert _parse_digests(out, ["/x/one", "/x/two words", "/x/three", "/x/esc"]) == {
+        "/x/one": a, "/x/two words": b}
+    assert _parse_digests(f"{a} */x/other\n", ["/x/one"]) == {}
 
 
 def test_sftp_uses_openssl_digest(remote: Remote, tmp_path: Path) -> None:
@@ -65,3 +75,26 @@ def test_sftp_without_exec_tries_one_command_per_file(sftp_only_remote: Remote, 
             await dest.close()
 
     assert run(body()) == ["sha256sum"]
+
+
+def test_concurrent_digests_share_execs(remote: Remote, tmp_path: Path) -> None:
+    """Forty deliveries at once: every file verified by SHA-256, with far fewer execs than files."""
+    root = tmp_path / "dest"
+    root.mkdir()
+    env = DestEnv(kind="sftp", tmp=tmp_path, root=root, remote=remote)
+    payloads = [env.payload(f"/many/f{k:02d}.bin", size=3000 + k, seed=100 + k) for k in range(40)]
+
+    async def body() -> tuple[list[str], int]:
+        dest = env.make()
+        assert isinstance(dest, SftpDestination)
+        try:
+            outs = await asyncio.gather(*(dest.deliver(p) for p in payloads))
+            return [o.verified for o in outs], dest.digests.execs
+        finally:
+            await dest.close()
+
+    verified, execs = run(body())
+    assert verified == ["sha256"] * 40
+    assert execs < 20, execs
+    for p in payloads:
+        assert sha256_file(root / p.path.lstrip("/")) == p.sha256

@@ -64,6 +64,10 @@ class Payload:
     """Hex digest of the whole file."""
     received_at: str
     """RFC 3339 UTC, e.g. ``2026-12-03T17:00:00.123456Z``."""
+    fresh: bool = False
+    """True for the first attempt ever of this delivery: no earlier attempt can have left a temp
+    file or published anything, so :func:`publish` skips its look-ups (two round trips per file
+    on a remote kind). False (the safe default) when unknown."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,8 @@ class Destination(Protocol):
     """A delivery target. Deliveries are idempotent per ``delivery_id``."""
 
     name: str
+    slots: int
+    """Deliveries the scheduler may run at once on this destination."""
 
     async def deliver(self, payload: Payload) -> Outcome:
         """Publish ``payload`` atomically; raise :class:`DestinationError` on failure."""
@@ -307,8 +313,13 @@ async def publish(store: Store, payload: Payload, final: str, *, verify: str, on
         raise DestinationError(f"delivery id {payload.delivery_id!r} is not usable in a file name", retryable=False)
     temp = temp_name(final, payload.delivery_id)
     alt = conflict_name(final, payload.delivery_id)
-    have = await store.size_of(temp)
-    if have is None:
+    have = None if payload.fresh else await store.size_of(temp)
+    if payload.fresh:
+        # Nothing of ours can be there yet: a final file with the same content is someone else's
+        # (overwrite replaces it with identical bytes; fail/rename find it at the rename).
+        await store.makedirs(posixpath.dirname(final))
+        offset = 0
+    elif have is None:
         done = await _already_published(store, payload, final, alt if on_conflict == "rename" else None)
         if done is not None:
             logger.info("%s already published at %s; nothing sent", context, done.remote_path)

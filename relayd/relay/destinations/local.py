@@ -172,6 +172,7 @@ class LocalDestination:
         self.target = Target.parse(config.name, str(options["path"]))
         self.verify = parse_verify(config.name, options)
         self.on_conflict = parse_on_conflict(config.name, options)
+        self.slots = int(options.get("concurrency") or 4)
         self._store = LocalStore()
 
     async def deliver(self, payload: Payload) -> Outcome:

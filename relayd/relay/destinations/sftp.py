@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -41,15 +42,19 @@ _DIGEST_RATE = 20 * 1024 * 1024
 """Bytes/s assumed for the remote digest command when sizing its timeout (generous)."""
 
 
-def _openssl_command(path: str) -> str:
+def _openssl_command(paths: list[str]) -> str:
     # openssl has no ``--``: keep a relative name that starts with "-" from reading as an option.
-    arg = f"./{path}" if path.startswith("-") else path
-    return f"openssl dgst -sha256 -r {shlex.quote(arg)}"  # prints "<hex> *<path>"
+    args = " ".join(shlex.quote(f"./{p}" if p.startswith("-") else p) for p in paths)
+    return f"openssl dgst -sha256 -r {args}"  # prints "<hex> *<path>" per file
 
 
-_DIGEST_COMMANDS: dict[str, Callable[[str], str]] = {
+def _sha256sum_command(paths: list[str]) -> str:
+    return "sha256sum -- " + " ".join(shlex.quote(p) for p in paths)  # "<hex>  <path>" per file
+
+
+_DIGEST_COMMANDS: dict[str, Callable[[list[str]], str]] = {
     "openssl": _openssl_command,
-    "sha256sum": lambda path: f"sha256sum -- {shlex.quote(path)}",
+    "sha256sum": _sha256sum_command,
 }
 """Remote digest commands, fastest first; the last is the fallback that is always tried."""
 
@@ -89,28 +94,44 @@ class DigestCommands:
 
 @dataclass(eq=False)
 class _Conn:
-    """One pooled SSH connection and its SFTP session."""
+    """One pooled SSH connection and its SFTP session, shared by up to ``streams`` deliveries."""
 
     ssh: asyncssh.SSHClientConnection
     sftp: asyncssh.SFTPClient
+    window: asyncio.Semaphore
+    """Write requests in flight on this connection, shared by its deliveries (bounds memory)."""
+    users: int = 0
     idle_timer: asyncio.TimerHandle | None = None
     retired: bool = False
-    """Close instead of reuse when the delivery ends (set by :meth:`Pool.close`)."""
+    """Close instead of reuse once its last delivery ends (set by :meth:`Pool.close`)."""
     dirs: set[str] = field(default_factory=set)
-    """Directories this connection created or found (a connection that hits any error is closed,
-    so a directory removed behind our back costs one retried attempt, not a wrong result)."""
+    """Directories this connection created or found (forgotten on any error, so a directory
+    removed behind our back costs one retried attempt, not a wrong result)."""
+
+
+_FAILED_CONNECT_HOLD = 1.0
+"""Seconds a failed connect is reported to other deliveries instead of trying again at once."""
 
 
 class Pool:
-    """At most ``limit`` connections, reused; an idle one closes after ``idle_timeout`` seconds."""
+    """At most ``limit`` connections, each shared by up to ``streams`` deliveries at once.
 
-    def __init__(self, name: str, connect: Callable[[], Awaitable[_Conn]], limit: int,
-                 idle_timeout: float) -> None:
+    A delivery gets an unused connection if there is one, else a new connection while fewer than
+    ``limit`` are open, else the least busy one. A connection with no deliveries closes after
+    ``idle_timeout`` seconds. A transport error (lost connection, timeout, cancellation) closes
+    the connection; an SFTP status error (permission denied, no such file) keeps it.
+    """
+
+    def __init__(self, name: str, connect: Callable[[], Awaitable[_Conn]], limit: int, idle_timeout: float,
+                 streams: int = 1) -> None:
         self._name = name
         self._connect = connect
-        self._slots = asyncio.Semaphore(limit)
-        self._idle: list[_Conn] = []
-        self._busy: set[_Conn] = set()
+        self._limit = max(1, limit)
+        self._streams = max(1, streams)
+        self._conns: list[_Conn] = []
+        self._connecting = 0
+        self._changed = asyncio.Event()
+        self._failure: tuple[float, DestinationError] | None = None
         self.idle_timeout = idle_timeout
         self.opened = 0
         """Connections opened so far (for tests and metrics)."""
@@ -118,73 +139,266 @@ class Pool:
     @property
     def size(self) -> int:
         """Open connections (idle + in use)."""
-        return len(self._idle) + len(self._busy)
+        return sum(1 for c in self._conns if not c.ssh.is_closed())
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[_Conn]:
-        """A connection for one delivery; on any error it is closed instead of reused."""
-        async with self._slots:
-            conn = await self._take()
-            self._busy.add(conn)
-            ok = False
-            try:
-                yield conn
-                ok = True
-            finally:
-                self._busy.discard(conn)
-                if ok and not conn.retired and not conn.ssh.is_closed():
-                    self._park(conn)
+        """A connection for one delivery (see the class docstring for sharing and closing)."""
+        conn = await self._take()
+        broken = True
+        try:
+            yield conn
+            broken = False
+        except (asyncssh.SFTPError, DestinationError):
+            conn.dirs.clear()
+            broken = False
+            raise
+        finally:
+            conn.users -= 1
+            if broken:
+                conn.dirs.clear()
+                self._drop(conn)
+            elif conn.users == 0:
+                if conn.retired or conn.ssh.is_closed():
+                    self._drop(conn)
                 else:
-                    conn.ssh.close()
+                    loop = asyncio.get_running_loop()
+                    conn.idle_timer = loop.call_later(self.idle_timeout, self._expire, conn)
+            self._changed.set()
 
     async def _take(self) -> _Conn:
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
-            if not conn.ssh.is_closed():
-                return conn
-        conn = await self._connect()
-        self.opened += 1
+        while True:
+            self._conns = [c for c in self._conns if not c.ssh.is_closed()]
+            usable = [c for c in self._conns if not c.retired]
+            idle = [c for c in usable if c.users == 0]
+            if idle:
+                return self._use(idle[-1])
+            if len(self._conns) + self._connecting < self._limit:
+                failure = self._failure
+                if failure is not None and time.monotonic() < failure[0]:
+                    raise failure[1]
+                self._connecting += 1
+                try:
+                    conn = await self._connect()
+                except DestinationError as e:
+                    self._failure = (time.monotonic() + _FAILED_CONNECT_HOLD, e)
+                    raise
+                finally:
+                    self._connecting -= 1
+                    self._changed.set()
+                self._failure = None
+                self.opened += 1
+                self._conns.append(conn)
+                return self._use(conn)
+            shared = [c for c in usable if c.users < self._streams]
+            if shared:
+                return self._use(min(shared, key=lambda c: c.users))
+            self._changed.clear()
+            await self._changed.wait()
+
+    @staticmethod
+    def _use(conn: _Conn) -> _Conn:
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
+        conn.users += 1
         return conn
 
-    def _park(self, conn: _Conn) -> None:
-        loop = asyncio.get_running_loop()
-        conn.idle_timer = loop.call_later(self.idle_timeout, self._expire, conn)
-        self._idle.append(conn)
+    def _drop(self, conn: _Conn) -> None:
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
+        if conn in self._conns:
+            self._conns.remove(conn)
+        conn.ssh.close()
 
     def _expire(self, conn: _Conn) -> None:
-        if conn in self._idle:
-            self._idle.remove(conn)
+        conn.idle_timer = None
+        if conn.users == 0 and conn in self._conns:
             log.debug("dest=%s closing idle connection", self._name)
-            conn.ssh.close()
+            self._drop(conn)
 
     async def close(self) -> None:
-        """Close idle connections now; busy ones close when their delivery ends."""
-        for conn in self._busy:
+        """Close unused connections now; busy ones close when their last delivery ends."""
+        idle = [c for c in self._conns if c.users == 0]
+        for conn in self._conns:
             conn.retired = True
-        idle, self._idle = self._idle, []
         for conn in idle:
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-            conn.ssh.close()
+            self._drop(conn)
         for conn in idle:
             await conn.ssh.wait_closed()
+        self._changed.set()
+
+
+def _batchable(path: str) -> bool:
+    """Paths whose digest line can be matched in a multi-file output (no escaping involved)."""
+    return "\n" not in path and "\\" not in path and not path.startswith("-")
+
+
+def _parse_digests(output: str, paths: list[str]) -> dict[str, str]:
+    """``path -> hex`` from ``openssl dgst -r`` / ``sha256sum`` output over ``paths``.
+
+    Lines are ``<hex> *<path>`` or ``<hex>  <path>``; a line that does not end in one of the
+    requested paths is ignored (its file then gets a digest of its own).
+    """
+    wanted = set(paths)
+    found: dict[str, str] = {}
+    for line in output.splitlines():
+        if len(line) < 67 or line[64] != " " or line[65] not in " *":
+            continue
+        digest, name = line[:64], line[66:]
+        if name in wanted and _HEX64_RE.match(digest):
+            found[name] = digest
+    return found
+
+
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(eq=False)
+class _DigestRequest:
+    conn: _Conn
+    path: str
+    size: int
+    future: asyncio.Future[str]
+
+
+class DigestBatcher:
+    """Remote SHA-256 for a destination: requests of concurrent deliveries share one exec.
+
+    Group-commit style: when no exec is running (or fewer than ``parallel``), the pending
+    requests go out at once as ``openssl dgst -sha256 -r p1 p2 ...`` (or ``sha256sum -- ...``);
+    requests made meanwhile wait for the next exec. A thousand small files thus cost a few dozen
+    execs instead of a thousand, and a single large file still gets its exec immediately. The
+    exec runs on the connection of the oldest request in the batch. Results are matched by path;
+    a file missing from a batch's output (or with a name that needs escaping) gets an exec of
+    its own, which reports the precise failure.
+    """
+
+    def __init__(self, commands: DigestCommands, base_timeout: float, parallel: int = 2,
+                 max_paths: int = 200, max_chars: int = 32768) -> None:
+        self.commands = commands
+        self.base_timeout = base_timeout
+        self.parallel = max(1, parallel)
+        self.max_paths = max_paths
+        self.max_chars = max_chars
+        self._pending: list[_DigestRequest] = []
+        self._running = 0
+        self.execs = 0
+        """Exec channels opened so far (for tests and metrics)."""
+
+    async def sha256(self, conn: _Conn, path: str, size: int) -> str:
+        """The hex digest of ``path`` on the server; DigestUnavailable if it cannot be had."""
+        if not _batchable(path):
+            return await self._single(conn, path, size)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append(_DigestRequest(conn, path, size, future))
+        if self._running < self.parallel:
+            self._launch()
+        return await future
+
+    def _launch(self) -> None:
+        batch: list[_DigestRequest] = []
+        chars = 0
+        while self._pending and len(batch) < self.max_paths:
+            req = self._pending[0]
+            if batch and (chars + len(req.path) + 3 > self.max_chars or req.conn.ssh.is_closed()):
+                break
+            batch.append(self._pending.pop(0))
+            chars += len(req.path) + 3
+        if not batch:
+            return
+        self._running += 1
+        task = asyncio.ensure_future(self._run(batch))
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running -= 1
+        if not task.cancelled():
+            task.exception()  # retrieved; already handed to the waiters
+        while self._pending and self._running < self.parallel:
+            self._launch()
+
+    async def _run(self, batch: list[_DigestRequest]) -> None:
+        live = [r for r in batch if not r.future.done()]
+        if not live:
+            return
+        conn = live[0].conn
+        paths = list(dict.fromkeys(r.path for r in live))
+        timeout = self.base_timeout + sum(r.size for r in live) / _DIGEST_RATE
+        try:
+            found = await self._exec(conn, paths, timeout) if len(paths) > 1 else {}
+            for req in live:
+                if req.future.done():
+                    continue
+                digest = found.get(req.path)
+                if digest is None:
+                    digest = await self._single(req.conn, req.path, req.size)
+                req.future.set_result(digest)
+        except BaseException as e:  # noqa: BLE001 - handed to every waiter still waiting
+            for req in live:
+                if not req.future.done():
+                    if isinstance(e, asyncio.CancelledError):
+                        req.future.cancel()
+                    else:
+                        req.future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+
+    async def _exec(self, conn: _Conn, paths: list[str], timeout: float) -> dict[str, str]:
+        """One exec over ``paths``: the digests it printed (possibly none)."""
+        for name in self.commands.order():
+            command = _DIGEST_COMMANDS[name](paths)
+            result = await self._run_command(conn, command, name, timeout)
+            out = result.stdout if isinstance(result.stdout, str) else ""
+            found = _parse_digests(out, paths)
+            if found:
+                self.commands.worked(name)
+                return found
+            if result.exit_status == 0:
+                return found
+            self.commands.failed(name)
+        return {}
+
+    async def _single(self, conn: _Conn, path: str, size: int) -> str:
+        """One exec for one path, trying each command; DigestUnavailable lists what failed."""
+        failures: list[str] = []
+        timeout = self.base_timeout + size / _DIGEST_RATE
+        for name in self.commands.order():
+            result = await self._run_command(conn, _DIGEST_COMMANDS[name]([path]), name, timeout)
+            out = result.stdout if isinstance(result.stdout, str) else ""
+            match = _DIGEST_RE.match(out)
+            if result.exit_status == 0 and match is not None:
+                self.commands.worked(name)
+                return match.group(1)
+            self.commands.failed(name)
+            detail = f"exit status {result.exit_status}" if result.exit_status else "no digest in its output"
+            failures.append(f"exec of {name} gave {detail}")
+        raise DigestUnavailable("; ".join(failures))
+
+    async def _run_command(self, conn: _Conn, command: str, name: str,
+                           timeout: float) -> asyncssh.SSHCompletedProcess:
+        self.execs += 1
+        try:
+            return await conn.ssh.run(command, stdin=asyncssh.DEVNULL, check=False, timeout=timeout)
+        except asyncssh.ChannelOpenError as e:
+            raise DigestUnavailable(f"exec refused: {e.reason}") from None
+        except asyncssh.TimeoutError:
+            raise DigestUnavailable(f"{name} timed out") from None
 
 
 class SftpStore:
     """:class:`~relayd.relay.destinations.base.Store` over one pooled SFTP connection."""
 
-    def __init__(self, conn: _Conn, block_size: int, requests: int, exec_timeout: float,
-                 digest: DigestCommands | None = None) -> None:
+    def __init__(self, conn: _Conn, block_size: int, requests: int, digests: DigestBatcher,
+                 size: int = 0) -> None:
         self._conn = conn
-        self._digest = digest if digest is not None else DigestCommands()
+        self._digests = digests
         self._sftp = conn.sftp
         limit = conn.sftp.limits.max_write_len or MAX_BLOCK
         self._block = max(1, min(block_size, MAX_BLOCK, limit))
         self._requests = requests
-        self._exec_timeout = exec_timeout
+        self._size = size
 
     async def size_of(self, path: str) -> int | None:
         """lstat: size of a regular file, None if missing."""
@@ -206,10 +420,11 @@ class SftpStore:
     async def upload(self, temp: str, source: Path, offset: int, size: int) -> int:
         """Pipelined writes of ``source[offset:size]`` at their offsets; bounded memory.
 
-        ``requests`` worker coroutines share one offset counter: each takes the next block, reads it
-        (plain ``pread``: the spool object was just written, so it is in the page cache; the kernel
-        is asked to read ahead in case it is not) and waits for its write to be acknowledged. At most
-        ``requests`` blocks are held at once.
+        Up to ``requests`` worker coroutines share one offset counter: each takes the next block,
+        reads it (plain ``pread``: the spool object was just written, so it is in the page cache;
+        the kernel is asked to read ahead in case it is not) and waits for its write to be
+        acknowledged. Each block in flight holds a slot of the connection's window, so the
+        deliveries sharing a connection hold at most ``requests`` blocks together.
         """
         pflags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if offset == 0 else 0)
         fd = open_spool_object(source, size)
@@ -219,56 +434,46 @@ class SftpStore:
             async with self._sftp.open(temp, pflags, asyncssh.SFTPAttrs(permissions=0o644),
                                        encoding=None, block_size=0) as f:  # 0: one request per write
                 block = self._block
+                window = self._conn.window
                 nxt = offset
 
                 async def worker() -> None:
                     nonlocal nxt
                     pread, write = os.pread, f.write
                     while nxt < size:
-                        pos = nxt
-                        n = min(block, size - pos)
-                        nxt = pos + n
-                        data = pread(fd, n, pos)
-                        if len(data) != n:
-                            raise DestinationError(f"spool object {source.name} ended early", retryable=False)
-                        await write(data, pos)
+                        async with window:
+                            if nxt >= size:
+                                break
+                            pos = nxt
+                            n = min(block, size - pos)
+                            nxt = pos + n
+                            data = pread(fd, n, pos)
+                            if len(data) != n:
+                                raise DestinationError(f"spool object {source.name} ended early", retryable=False)
+                            await write(data, pos)
 
                 count = min(self._requests, -(-(size - offset) // block))
-                workers = {asyncio.create_task(worker()) for _ in range(max(count, 0))}
-                try:
-                    while workers:
-                        workers = await _settle(workers, asyncio.FIRST_EXCEPTION)
-                finally:
-                    await _cancel_all(workers)
+                if count == 1:
+                    await worker()  # one block: no task needed
+                else:
+                    workers = {asyncio.create_task(worker()) for _ in range(max(count, 0))}
+                    try:
+                        while workers:
+                            workers = await _settle(workers, asyncio.FIRST_EXCEPTION)
+                    finally:
+                        await _cancel_all(workers)
         finally:
             os.close(fd)
         return size - offset
 
     async def sha256(self, path: str) -> str:
-        """Remote SHA-256 over an exec channel; DigestUnavailable if refused, timed out or unparsable.
+        """Remote SHA-256 over an exec channel (batched with other deliveries'; see
+        :class:`DigestBatcher`); DigestUnavailable if refused, timed out or unparsable.
 
         Tries ``openssl dgst -sha256 -r`` first (OpenSSL uses the CPU's SHA extensions: several
         times faster than coreutils), then ``sha256sum``; see :class:`DigestCommands`.
         """
-        failures: list[str] = []
-        for name in self._digest.order():
-            command = _DIGEST_COMMANDS[name](path)
-            try:
-                result = await self._conn.ssh.run(command, stdin=asyncssh.DEVNULL, check=False,
-                                                  timeout=self._exec_timeout)
-            except asyncssh.ChannelOpenError as e:
-                raise DigestUnavailable(f"exec refused: {e.reason}") from None
-            except asyncssh.TimeoutError:
-                raise DigestUnavailable(f"{name} timed out") from None
-            out = result.stdout if isinstance(result.stdout, str) else ""
-            match = _DIGEST_RE.match(out)
-            if result.exit_status == 0 and match is not None:
-                self._digest.worked(name)
-                return match.group(1)
-            self._digest.failed(name)
-            detail = f"exit status {result.exit_status}" if result.exit_status else "no digest in its output"
-            failures.append(f"exec of {name} gave {detail}")
-        raise DigestUnavailable("; ".join(failures))
+        return await self._digests.sha256(self._conn, path, self._size)
 
     async def remove(self, path: str) -> None:
         """Remove; missing is fine."""
@@ -323,8 +528,12 @@ class SftpDestination:
         self.connect_timeout = float(o.get("connect_timeout", 30.0))
         self.block_size = min(int(o.get("block_size", MAX_BLOCK)), MAX_BLOCK)
         self.requests = int(o.get("requests", 64))
+        concurrency = int(o.get("concurrency") or 4)
+        streams = int(o.get("streams") or 8)
+        self.slots = concurrency * streams
         self.digest = DigestCommands()
-        self.pool = Pool(self.name, self._connect, int(o.get("concurrency", 4)), float(o.get("idle_timeout", 300.0)))
+        self.digests = DigestBatcher(self.digest, self.connect_timeout, parallel=max(1, concurrency // 2))
+        self.pool = Pool(self.name, self._connect, concurrency, float(o.get("idle_timeout", 300.0)), streams)
 
     @property
     def where(self) -> str:
@@ -335,10 +544,9 @@ class SftpDestination:
         """Upload (or resume), verify, rename; see :func:`~relayd.relay.destinations.base.publish`."""
         final = self.target.final_path(payload)
         context = f"dest={self.name} delivery={payload.delivery_id}"
-        exec_timeout = self.connect_timeout + payload.size / _DIGEST_RATE
         try:
             async with self.pool.connection() as conn:
-                store = SftpStore(conn, self.block_size, self.requests, exec_timeout, self.digest)
+                store = SftpStore(conn, self.block_size, self.requests, self.digests, payload.size)
                 outcome = await publish(store, payload, final, verify=self.verify,
                                         on_conflict=self.on_conflict, logger=log, context=context)
         except DestinationError:
@@ -402,7 +610,7 @@ class SftpDestination:
                                        retryable=True) from None
             raise
         log.info("dest=%s connected to %s", self.name, self.where)
-        return _Conn(ssh, sftp)
+        return _Conn(ssh, sftp, asyncio.Semaphore(self.requests))
 
 
 async def _settle(tasks: set[asyncio.Task[Any]], when: str) -> set[asyncio.Task[Any]]:
