@@ -15,7 +15,7 @@ from typing import Any
 import asyncssh
 
 from relayd.config import Config, UserConfig
-from relayd.gateway import compat
+from relayd import sshcompat as compat
 from relayd.gateway.context import GatewayContext, Identity
 from relayd.gateway.handler import SFTPOnlySession
 from relayd.gateway.sftp import TenantSFTPServer

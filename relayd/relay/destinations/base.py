@@ -22,6 +22,7 @@ delivery logic once, so every kind keeps the same contract (tests/contract):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
@@ -256,6 +257,7 @@ class Target:
         return posixpath.join(directory, *parts)
 
 
+@functools.lru_cache(maxsize=1024)
 def _utc_date(received_at: str) -> str:
     try:
         when = datetime.fromisoformat(received_at.replace("Z", "+00:00"))

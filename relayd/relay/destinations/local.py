@@ -190,7 +190,7 @@ class LocalDestination:
         except Exception as e:  # a bug: log it whole, try again later
             log.exception("%s unexpected error", context)
             raise DestinationError(f"unexpected error: {type(e).__name__}", retryable=True) from e
-        log.info("%s delivered %s (%d bytes sent, resumed from %d, verified %s)", context,
+        log.debug("%s delivered %s (%d bytes sent, resumed from %d, verified %s)", context,
                  outcome.remote_path, outcome.bytes_sent, outcome.resumed_from, outcome.verified)
         return outcome
 

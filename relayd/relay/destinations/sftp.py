@@ -253,6 +253,9 @@ def _parse_digests(output: str, paths: list[str]) -> dict[str, str]:
 
 
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_SOLO_DIGEST = 16 * 1024 * 1024
+"""Files larger than this get an exec of their own (hashing them takes long enough that batching
+gains nothing, and small files should not queue behind them)."""
 
 
 @dataclass(eq=False)
@@ -270,7 +273,8 @@ class DigestBatcher:
     requests go out at once as ``openssl dgst -sha256 -r p1 p2 ...`` (or ``sha256sum -- ...``);
     requests made meanwhile wait for the next exec. A thousand small files thus cost a few dozen
     execs instead of a thousand, and a single large file still gets its exec immediately. The
-    exec runs on the connection of the oldest request in the batch. Results are matched by path;
+    exec runs on the connection of the oldest request in the batch; files over 16 MiB get their
+    own exec at once. Results are matched by path;
     a file missing from a batch's output (or with a name that needs escaping) gets an exec of
     its own, which reports the precise failure.
     """
@@ -289,7 +293,7 @@ class DigestBatcher:
 
     async def sha256(self, conn: _Conn, path: str, size: int) -> str:
         """The hex digest of ``path`` on the server; DigestUnavailable if it cannot be had."""
-        if not _batchable(path):
+        if size > _SOLO_DIGEST or not _batchable(path):
             return await self._single(conn, path, size)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending.append(_DigestRequest(conn, path, size, future))
@@ -529,10 +533,10 @@ class SftpDestination:
         self.block_size = min(int(o.get("block_size", MAX_BLOCK)), MAX_BLOCK)
         self.requests = int(o.get("requests", 64))
         concurrency = int(o.get("concurrency") or 4)
-        streams = int(o.get("streams") or 8)
+        streams = int(o.get("streams") or 16)
         self.slots = concurrency * streams
         self.digest = DigestCommands()
-        self.digests = DigestBatcher(self.digest, self.connect_timeout, parallel=max(1, concurrency // 2))
+        self.digests = DigestBatcher(self.digest, self.connect_timeout, parallel=1)
         self.pool = Pool(self.name, self._connect, concurrency, float(o.get("idle_timeout", 300.0)), streams)
 
     @property
@@ -560,7 +564,7 @@ class SftpDestination:
             raise DestinationError(f"unexpected error: {type(e).__name__}", retryable=True) from e
         if outcome.note:
             log.warning("%s %s", context, outcome.note)
-        log.info("%s delivered %s (%d bytes sent, resumed from %d, verified %s)", context,
+        log.debug("%s delivered %s (%d bytes sent, resumed from %d, verified %s)", context,
                  outcome.remote_path, outcome.bytes_sent, outcome.resumed_from, outcome.verified)
         return outcome
 
