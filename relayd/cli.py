@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from relayd.config import ConfigError, load_config
+from relayd.integrity.keys import SigningKeyError
 from relayd.journal import JournalError
 
 __all__ = ["main"]
@@ -199,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JournalError as exc:
         print(f"relayd: {exc}", file=sys.stderr)
         return exc.exit_code
+    except SigningKeyError as exc:
+        print(f"relayd: signing key: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"relayd: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 1

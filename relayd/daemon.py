@@ -22,6 +22,7 @@ import asyncssh
 from relayd.config import Config, ConfigError, load_config
 from relayd.gateway.context import GatewayContext
 from relayd.gateway.server import load_host_keys, start_listeners
+from relayd.integrity import KeyRing, Notary, SigningKeyError
 from relayd.journal import Journal, JournalError
 from relayd.relay.scheduler import Relay
 from relayd.spool import Spool
@@ -29,6 +30,14 @@ from relayd.spool import Spool
 __all__ = ["Daemon", "run", "journal_path", "sd_notify"]
 
 log = logging.getLogger("relayd.daemon")
+
+
+def make_notary(cfg: Config) -> Notary | None:
+    """The manifest signer for ``cfg`` (the key is created on first use); None if manifests are off."""
+    if not cfg.integrity.manifests:
+        return None
+    ring = KeyRing.open(cfg.node.state_dir)
+    return Notary(ring, cfg.node.id, cfg.integrity.digests)
 
 
 def journal_path(config: Config) -> Path:
@@ -67,7 +76,7 @@ class Daemon:
         for d in (cfg.node.state_dir, cfg.node.spool_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o750)
         journal = Journal.open(journal_path(cfg))
-        spool = Spool(cfg.node.spool_dir, journal)
+        spool = Spool(cfg.node.spool_dir, journal, make_notary(cfg))
         spool.recover(cfg.tenants)
         ctx = GatewayContext(config=cfg, spool=spool)
         ctx.prepare_tenants()
@@ -158,6 +167,10 @@ class Daemon:
         else:
             if new.node != ctx.config.node or new.gateway.listen != ctx.config.gateway.listen:
                 log.warning("reload: node and gateway.listen changes need a restart; other changes applied")
+            try:  # picks up a key made by `relayd keys rotate` and integrity changes
+                ctx.spool.notary = make_notary(new)
+            except SigningKeyError as exc:
+                log.error("reload: signing key unusable, keeping the old one: %s", exc)
             ctx.config = new
             self.config = new
             ctx.prepare_tenants()

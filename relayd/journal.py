@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from relayd.integrity.manifest import Signed as SignedManifest
+
 __all__ = ["Journal", "Transfer", "JournalError", "new_id", "utc_now"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -59,6 +61,15 @@ _SCHEMA = [
     );
     CREATE INDEX deliveries_due ON deliveries(state, next_attempt_at);
     CREATE INDEX deliveries_transfer ON deliveries(transfer_id);
+    """,
+    # version 3: the signed manifest of each committed file, written with the transfer
+    """
+    CREATE TABLE manifests (
+        transfer_id TEXT PRIMARY KEY REFERENCES transfers(id),
+        key_id      TEXT NOT NULL,
+        body        BLOB NOT NULL,
+        signature   BLOB NOT NULL
+    );
     """,
 ]
 
@@ -186,8 +197,10 @@ class Journal:
         with self._lock:
             self._conn.close()
 
-    def add_transfer(self, t: Transfer, destinations: Sequence[str] = ()) -> list[Delivery]:
-        """Insert a committed transfer and one pending delivery per destination, atomically.
+    def add_transfer(self, t: Transfer, destinations: Sequence[str] = (),
+                     manifest: SignedManifest | None = None) -> list[Delivery]:
+        """Insert a committed transfer, its signed manifest and one pending delivery per
+        destination, atomically.
 
         Durable when this returns. Raises :class:`JournalError`.
         """
@@ -207,9 +220,21 @@ class Journal:
                     " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
                     [(d.id, d.transfer_id, d.destination, d.state, d.attempts, d.next_attempt_at, d.created_at,
                       d.updated_at) for d in deliveries])
+                if manifest is not None:
+                    self._conn.execute("INSERT INTO manifests (transfer_id, key_id, body, signature) VALUES (?,?,?,?)",
+                                       (t.id, manifest.key_id, manifest.body, manifest.signature))
         except sqlite3.Error as exc:
             raise JournalError(f"cannot record transfer {t.id}: {exc}") from None
         return deliveries
+
+    def manifest_of(self, transfer_id: str) -> SignedManifest | None:
+        """The signed manifest recorded with ``transfer_id`` (None for transfers without one)."""
+        with self._lock:
+            row = self._conn.execute("SELECT key_id, body, signature FROM manifests WHERE transfer_id = ?",
+                                     (transfer_id,)).fetchone()
+        if row is None:
+            return None
+        return SignedManifest(bytes(row["body"]), bytes(row["signature"]), row["key_id"])
 
     # -- delivery scheduling -------------------------------------------------------------------
 

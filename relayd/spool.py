@@ -20,12 +20,14 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from relayd.journal import Journal, Transfer, new_id, utc_now
+from relayd.integrity import Notary
+from relayd.integrity.manifest import new_hashers
 
 __all__ = ["Spool", "CommitRequest", "TenantDirs", "fsync_dir", "hash_file", "scan_usage"]
 
@@ -41,6 +43,22 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _digests_of(fd: int, names: Sequence[str]) -> dict[str, str]:
+    """Hex digests ``names`` of the file open at ``fd`` (streamed; the offset is not used)."""
+    hashers = new_hashers(names)
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    pos = 0
+    while True:
+        n = os.preadv(fd, [buf], pos)
+        if not n:
+            break
+        for h in hashers.values():
+            h.update(view[:n])
+        pos += n
+    return {name: h.hexdigest() for name, h in hashers.items()}
 
 
 def hash_file(path: str | Path | None = None, fd: int | None = None) -> tuple[str, int]:
@@ -97,14 +115,18 @@ class CommitRequest:
     sha256: str | None = None
     fd: int | None = None
     destinations: tuple[str, ...] = ()
+    digests: Mapping[str, str] = field(default_factory=dict)
+    """Extra digests already computed while receiving (``integrity.digests``), by name."""
 
 
 class Spool:
     """Owns the spool directory tree: layout, commit, recovery."""
 
-    def __init__(self, spool_dir: Path, journal: Journal):
+    def __init__(self, spool_dir: Path, journal: Journal, notary: Notary | None = None):
         self.root = spool_dir
         self.journal = journal
+        self.notary = notary
+        """Signs a manifest per committed file (None: no manifests, e.g. in unit tests)."""
 
     def dirs(self, tenant: str) -> TenantDirs:
         """The folders of ``tenant`` (not created)."""
@@ -139,15 +161,17 @@ class Spool:
         else:
             if not stat.S_ISREG(st.st_mode):
                 raise IsADirectoryError(21, "Target is not a regular file")
-        if req.fd is not None:
-            os.fsync(req.fd)
-            sha256, size = (req.sha256, req.size) if req.sha256 else hash_file(fd=req.fd)
-        else:
-            fd = os.open(req.src, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-                sha256, size = (req.sha256, req.size) if req.sha256 else hash_file(fd=fd)
-            finally:
+        extra = self.notary.digests if self.notary is not None else ()
+        fd = req.fd if req.fd is not None else os.open(req.src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+            sha256, size = (req.sha256, req.size) if req.sha256 else hash_file(fd=fd)
+            digests = {"sha256": sha256, **{n: v for n, v in req.digests.items() if n in extra}}
+            missing = [n for n in extra if n not in digests]
+            if missing:
+                digests.update(_digests_of(fd, missing))
+        finally:
+            if req.fd is None:
                 os.close(fd)
         tid = new_id()
         obj = d.objects / tid
@@ -156,8 +180,12 @@ class Spool:
         fsync_dir(d.objects)
         transfer = Transfer(id=tid, tenant=req.tenant, user=req.user, source=req.source, path=req.path,
                             size=size, sha256=sha256, received_at=utc_now(), state="committed", object=tid)
+        signed = None
+        if self.notary is not None:
+            signed = self.notary.sign(transfer_id=tid, tenant=req.tenant, user=req.user, path=req.path, size=size,
+                                      digests=digests, received_at=transfer.received_at, source=req.source)
         try:
-            self.journal.add_transfer(transfer, req.destinations)
+            self.journal.add_transfer(transfer, req.destinations, signed)
         except BaseException:
             _unlink_quiet(obj)
             raise

@@ -21,6 +21,15 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class IntegrityConfig:
+    """Signed manifests (see relayd.integrity)."""
+
+    manifests: bool = True
+    digests: tuple[str, ...] = ()
+    """Extra digests next to sha256 (``sha3-256``, ``blake2b``)."""
+
+
+@dataclass(frozen=True)
 class AlgorithmsConfig:
     """SSH algorithm lists offered by the server, in preference order."""
 
@@ -131,6 +140,7 @@ class Config:
     tenants: Mapping[str, TenantConfig]
     destinations: Mapping[str, DestinationConfig]
     source: Path | None = None
+    integrity: IntegrityConfig = IntegrityConfig()
 
     def find_user(self, username: str) -> UserConfig | None:
         """The user with this login name, or None."""

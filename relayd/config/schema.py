@@ -100,6 +100,8 @@ def _yaml_inline(value: Any) -> str:
 
 
 _K = KeySpec
+EXTRA_DIGEST_NAMES = ("sha3-256", "blake2b")
+"""``integrity.digests`` values (relayd.integrity.manifest.EXTRA_DIGESTS implements them)."""
 _REMOTE = ("sftp", "relayd")
 
 #: Every key, by dotted path. ``<name>`` stands for a tenant or destination name, ``[]`` for
@@ -110,6 +112,12 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
                   "every manifest."),
     "node.state_dir": _K("path", "/var/lib/relayd", "Journal (journal.db) and the generated host key."),
     "node.spool_dir": _K("path", "/var/spool/relayd", "Tenant inboxes, staging files and spool objects."),
+
+    "integrity": _K("mapping", {}, "Signed manifests: what the gateway vouches for per committed file."),
+    "integrity.manifests": _K("boolean", True, "Sign a manifest (Ed25519, key in node.state_dir/signing) "
+                              "for every committed file; false only to measure its cost."),
+    "integrity.digests": _K("list of strings", [], "Digests added to sha256 in every manifest: sha3-256, "
+                            "blake2b (computed while receiving)."),
 
     "gateway": _K("mapping", {}, "The SSH/SFTP front door."),
     "gateway.listen": _K("list of HOST:PORT", ["0.0.0.0:2222"], "Addresses to listen on: IPv4, [IPv6] "

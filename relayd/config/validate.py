@@ -10,11 +10,11 @@ from typing import Any, Callable, Mapping
 
 from relayd.config.checker import _NAME_RE, _NAME_RULE, _Checker, _did_you_mean, _join, _Node
 from relayd.config.model import (
-    AlgorithmsConfig, Config, DestinationConfig, GatewayConfig, NodeConfig, QuotaConfig, RouteConfig,
+    AlgorithmsConfig, Config, DestinationConfig, GatewayConfig, IntegrityConfig, NodeConfig, QuotaConfig, RouteConfig,
     TenantConfig, UserConfig,
 )
 from relayd.config.schema import (
-    COMMIT_MODES, DEFAULT_PERMISSIONS, DEFAULT_TEMP_PATTERNS, DESTINATION_TYPES, KEYS, PERMISSIONS, REQUIRED,
+    COMMIT_MODES, EXTRA_DIGEST_NAMES, DEFAULT_PERMISSIONS, DEFAULT_TEMP_PATTERNS, DESTINATION_TYPES, KEYS, PERMISSIONS, REQUIRED,
     _section_keys,
 )
 from relayd.config.values import ConfigError, _kind, glob_to_regex
@@ -128,6 +128,22 @@ def _parse_node(ck: _Checker, raw: _Node) -> NodeConfig:
                 ck.err(f"node.{key}", f"cannot access {p}: {exc}")
         dirs[key] = p or getattr(default, key)
     return NodeConfig(id=ck.name("node.id", raw.get("id")) or default.id, **dirs)
+
+
+def _parse_integrity(ck: _Checker, raw: _Node) -> IntegrityConfig:
+    if raw is None:
+        return IntegrityConfig()
+    raw = ck.mapping("integrity", raw, "integrity")
+    if raw is None:
+        return IntegrityConfig()
+    manifests = ck.boolean("integrity.manifests", raw.get("manifests"), True)
+    digests: list[str] = []
+    for ipath, name in ck.str_items("integrity.digests", raw.get("digests")):
+        if name not in EXTRA_DIGEST_NAMES:
+            ck.err(ipath, f"unknown digest {name!r} (known: {', '.join(EXTRA_DIGEST_NAMES)}; sha256 is always included)")
+        elif name not in digests:
+            digests.append(name)
+    return IntegrityConfig(manifests=bool(manifests), digests=tuple(digests))
 
 
 def _parse_host_keys(ck: _Checker, value: _Node) -> tuple[Path, ...]:
@@ -476,6 +492,7 @@ def _build(ck: _Checker, data: dict[Any, Any], source: Path | None) -> Config:
     top = ck.mapping("", data, "") or {}
     node = _parse_node(ck, top.get("node"))
     gateway = _parse_gateway(ck, top.get("gateway"))
+    integrity = _parse_integrity(ck, top.get("integrity"))
     dest_items = _named_items(ck, "destinations", top.get("destinations"), "destination")
     dest_names = {name for name, _ in dest_items}
     destinations: dict[str, DestinationConfig] = {}
@@ -498,4 +515,4 @@ def _build(ck: _Checker, data: dict[Any, Any], source: Path | None) -> Config:
     if ck.errors:
         raise ConfigError(ck.errors)
     return Config(node=node, gateway=gateway, tenants=MappingProxyType(tenants),
-                  destinations=MappingProxyType(destinations), source=source)
+                  destinations=MappingProxyType(destinations), source=source, integrity=integrity)
