@@ -8,7 +8,9 @@ Differences from asyncssh's stock server handler, each for a reason found with r
 * WRITE packets with trailing padding (rclone) are accepted, as OpenSSH does;
 * the session ends with exit status 0 so OpenSSH ``scp`` reports success;
 * open/opendir are bounded per session, opendir errors come at opendir time;
-* limits@openssh.com advertises OpenSSH's sizes; copy-data and ranges extensions are not offered.
+* limits@openssh.com advertises OpenSSH's sizes; copy-data and ranges extensions are not offered;
+* check-file-handle / check-file-name (and paramiko's ``check-file``) answer file digests, and an
+  exec of exactly ``sha256sum|sha1sum|md5sum <path>`` is answered in-process (see checksum.py).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from typing import Any, Callable, cast
 
 import asyncssh
 from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, UInt32
-from asyncssh.sftp import FXP_OPEN, FXP_OPENDIR, FXP_WRITE, SFTPLimits, SFTPServerHandler
+from asyncssh.sftp import (FXP_EXTENDED_REPLY, FXP_OPEN, FXP_OPENDIR, FXP_WRITE, SFTPLimits,
+                           SFTPServerHandler)
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
+from relayd.gateway.checksum import (ADVERTISED, CheckFileReply, ChecksumCommand, CommandRefused, check_file,
+                                     parse_checksum_command, run_checksum)
 from relayd.gateway.scp import is_scp_command, run_scp
 from relayd.gateway.sftp import MAX_READ, TenantSFTPServer
 
@@ -38,6 +43,9 @@ class RelaydSFTPHandler(SFTPServerHandler):
 
     _extensions = [(name, data) for name, data in SFTPServerHandler._extensions
                    if name not in (b"copy-data", b"ranges@asyncssh.com", b"hardlink@openssh.com")]
+    _extensions += [(b"check-file-handle", ADVERTISED), (b"check-file-name", ADVERTISED)]
+    _return_types = {**SFTPServerHandler._return_types, b"check-file": FXP_EXTENDED_REPLY,
+                     b"check-file-handle": FXP_EXTENDED_REPLY, b"check-file-name": FXP_EXTENDED_REPLY}
 
     def __init__(self, server: TenantSFTPServer, reader: SSHReader[bytes], writer: SSHWriter[bytes],
                  max_handles: int):
@@ -108,6 +116,28 @@ class RelaydSFTPHandler(SFTPServerHandler):
         packet.check_end()
         return SFTPLimits(MAX_READ + 1024 + 4, MAX_READ, MAX_READ, self._max_handles)
 
+    async def _process_check_file_handle(self, packet: SSHPacket) -> CheckFileReply:
+        handle = packet.get_string()
+        offered, start, length, block_size = self._check_file_args(packet)
+        file_obj = self._file_handles.get(handle)
+        if file_obj is None:
+            raise asyncssh.SFTPInvalidHandle("Invalid file handle")
+        return await check_file(self._relayd_server, file_obj, offered, start, length, block_size)
+
+    async def _process_check_file_name(self, packet: SSHPacket) -> CheckFileReply:
+        path = packet.get_string()
+        offered, start, length, block_size = self._check_file_args(packet)
+        return await check_file(self._relayd_server, path, offered, start, length, block_size)
+
+    @staticmethod
+    def _check_file_args(packet: SSHPacket) -> tuple[str, int, int, int]:
+        offered = packet.get_string().decode("ascii", "replace")
+        start = packet.get_uint64()
+        length = packet.get_uint64()
+        block_size = packet.get_uint32()
+        packet.check_end()
+        return offered, start, length, block_size
+
     _packet_handlers: dict[Any, Any] = {  # type: ignore[assignment]
         key: fn for key, fn in SFTPServerHandler._packet_handlers.items()
         if key not in (b"copy-data", b"ranges@asyncssh.com")
@@ -116,6 +146,9 @@ class RelaydSFTPHandler(SFTPServerHandler):
     _packet_handlers[FXP_OPENDIR] = _process_opendir
     _packet_handlers[FXP_WRITE] = _process_write
     _packet_handlers[b"limits@openssh.com"] = _process_limits
+    _packet_handlers[b"check-file"] = _process_check_file_handle   # paramiko's SFTPFile.check()
+    _packet_handlers[b"check-file-handle"] = _process_check_file_handle
+    _packet_handlers[b"check-file-name"] = _process_check_file_name
 
     async def _cleanup(self, exc: Exception | None) -> None:
         self._flush_out()
@@ -137,15 +170,18 @@ class RelaydSFTPHandler(SFTPServerHandler):
 
 
 class SFTPOnlySession(SSHServerStreamSession):
-    """An SSH session channel that offers the ``sftp`` subsystem and legacy ``scp`` (nothing else)."""
+    """An SSH session channel that offers the ``sftp`` subsystem, legacy ``scp`` and the checksum
+    commands (nothing else)."""
 
     def __init__(self, make_server: Callable[[asyncssh.SSHServerChannel], TenantSFTPServer],
-                 max_handles: int, conn_id: str, on_close: Callable[[], None]):
+                 max_handles: int, conn_id: str, on_close: Callable[[], None], user: str = ""):
         super().__init__(None, make_server, SFTP_VERSION, False)  # type: ignore[arg-type]
         self._make_server = make_server
         self._max_handles = max_handles
         self._conn_id = conn_id
+        self._who = f"conn={conn_id} user={user}" if user else f"conn={conn_id}"
         self._on_close = on_close
+        self._checksum: ChecksumCommand | None = None
 
     def pty_requested(self, *args: Any) -> bool:
         return False
@@ -156,9 +192,15 @@ class SFTPOnlySession(SSHServerStreamSession):
 
     def exec_requested(self, command: str) -> bool:
         if is_scp_command(command):
+            log.info("exec scp %s command=%r", self._who, command[:200])
             return True
-        log.warning("refused: exec request conn=%s command=%r", self._conn_id, command[:200])
-        return False
+        try:
+            self._checksum = parse_checksum_command(command)
+        except CommandRefused as exc:
+            log.warning("refused: exec request %s command=%r (%s)", self._who, command[:200], exc)
+            return False
+        log.info("exec checksum %s command=%r", self._who, command[:200])
+        return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
         if subsystem == "sftp":
@@ -175,6 +217,10 @@ class SFTPOnlySession(SSHServerStreamSession):
         writer: SSHWriter[bytes] = SSHWriter(self, chan)
         server = self._make_server(cast(asyncssh.SSHServerChannel[bytes], chan))
         command = chan.get_command()
+        if self._checksum is not None:
+            self._conn.create_task(run_checksum(server, self._checksum, cast(asyncssh.SSHServerChannel[bytes], chan)),
+                                   reader.logger)
+            return
         if command:
             self._conn.create_task(run_scp(server, command, reader, writer), reader.logger)
             return
