@@ -236,6 +236,20 @@ class Journal:
             return None
         return SignedManifest(bytes(row["body"]), bytes(row["signature"]), row["key_id"])
 
+    def manifests_for(self, transfer_ids: Sequence[str]) -> dict[str, SignedManifest]:
+        """The signed manifests of several transfers, by transfer id (missing ones left out)."""
+        out: dict[str, SignedManifest] = {}
+        ids = list(dict.fromkeys(transfer_ids))
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                rows = self._conn.execute(
+                    f"SELECT transfer_id, key_id, body, signature FROM manifests WHERE transfer_id IN "
+                    f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                for r in rows:
+                    out[r["transfer_id"]] = SignedManifest(bytes(r["body"]), bytes(r["signature"]), r["key_id"])
+        return out
+
     # -- delivery scheduling -------------------------------------------------------------------
 
     def reset_in_flight(self) -> int:

@@ -31,6 +31,7 @@ from asyncssh.sftp import (FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_TRUNC, FXF_WRITE
 from relayd.gateway.context import GatewayContext, Identity
 from relayd.gateway.paths import PathRefused, normalize, to_virtual
 from relayd.gateway.quota import QuotaExceeded
+from relayd.integrity.manifest import new_hashers
 from relayd.journal import JournalError
 from relayd.spool import CommitRequest, fsync_dir
 
@@ -118,6 +119,8 @@ class WriteHandle:
     extent: int = 0            # bytes accounted to quota = size the file will have
     hashed: int = 0            # the running SHA-256 covers bytes [0, hashed)
     hasher: Any = field(default_factory=hashlib.sha256)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Hashers of integrity.digests, fed with the same bytes as ``hasher``."""
     sequential: bool = True
     counted_file: bool = False
     changed: bool = False
@@ -434,8 +437,10 @@ class TenantSFTPServer(asyncssh.SFTPServer):
                 log.warning("refused: %s %s path=%s", exc, self._ctx(), to_virtual(parts))
                 raise asyncssh.SFTPFailure(str(exc)) from None
         staging, fd = self.ctx.spool.new_staging(self.tenant.name)
+        notary = self.ctx.spool.notary
         h = WriteHandle(fd=fd, staging=staging, parts=parts, target=real, existed=st is not None,
-                        append=bool(pflags & FXF_APPEND), counted_file=st is None)
+                        append=bool(pflags & FXF_APPEND), counted_file=st is None,
+                        extra=new_hashers(notary.digests) if notary is not None else {})
         self.handles.add(h)
         self.ctx.uploads.add(h)
         if keep:
@@ -510,6 +515,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         if h.sequential:
             if offset == h.hashed:
                 h.hasher.update(data)
+                for x in h.extra.values():
+                    x.update(data)
                 h.hashed = end
             elif data:
                 h.sequential = False
@@ -560,7 +567,8 @@ class TenantSFTPServer(asyncssh.SFTPServer):
             else:
                 await self._commit(CommitRequest(
                     tenant=self.tenant.name, user=self.ident.user.name, source=self.ident.remote,
-                    path=h.vpath, src=h.staging, publish_to=h.target, size=h.extent, sha256=sha, fd=h.fd))
+                    path=h.vpath, src=h.staging, publish_to=h.target, size=h.extent, sha256=sha, fd=h.fd,
+                    digests={n: x.hexdigest() for n, x in h.extra.items()} if sha is not None else {}))
         except BaseException:
             self._discard(h)
             raise
@@ -620,6 +628,8 @@ def _copy_into(src: Path, h: WriteHandle) -> None:
                 break
             os.pwrite(h.fd, chunk, offset)
             h.hasher.update(chunk)
+            for x in h.extra.values():
+                x.update(chunk)
             offset += len(chunk)
         h.hashed = offset
     finally:

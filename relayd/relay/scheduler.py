@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 from relayd.config import Config, DestinationConfig
+from relayd.integrity.manifest import Signed, sidecar_bytes
 from relayd.journal import Delivery, Journal, Transfer
 from relayd.relay.destinations import Destination, DestinationError, Payload, create_destination
 from relayd.spool import Spool
@@ -60,6 +62,7 @@ class Relay:
         self._stopping = False
         self._finishes: list[tuple[str, str, dict[str, Any], asyncio.Future[None]]] = []
         self._finisher: asyncio.Task[None] | None = None
+        self._hmac_keys: dict[str, tuple[int, bytes]] = {}
 
     # -- control -------------------------------------------------------------------------------
 
@@ -89,8 +92,8 @@ class Relay:
                 limit = self._slots(name) - len(self._in_flight.get(name, ()))
                 if limit <= 0:
                     continue
-                for delivery, transfer in await self._db(self.journal.claim_due, name, limit, now):
-                    task = asyncio.ensure_future(self._attempt(delivery, transfer))
+                for delivery, transfer, signed in await self._db(self._claim, name, limit, now):
+                    task = asyncio.ensure_future(self._attempt(delivery, transfer, signed))
                     tasks = self._in_flight.setdefault(name, set())
                     tasks.add(task)
                     task.add_done_callback(functools.partial(self._done, name))
@@ -152,15 +155,52 @@ class Relay:
             self._destinations[name] = known
         return known[1]
 
-    async def _attempt(self, d: Delivery, t: Transfer) -> None:
+    def _claim(self, name: str, limit: int, now: float) -> list[tuple[Delivery, Transfer, Signed | None]]:
+        """Claim due deliveries and fetch their transfers' signed manifests (worker thread)."""
+        claimed = self.journal.claim_due(name, limit, now)
+        manifests = self.journal.manifests_for([t.id for _, t in claimed]) if claimed else {}
+        return [(d, t, manifests.get(t.id)) for d, t in claimed]
+
+    def _hmac_key(self, path: str) -> bytes:
+        """The shared HMAC key in ``path`` (surrounding whitespace stripped), re-read when it changes."""
+        mtime = os.stat(path).st_mtime_ns
+        cached = self._hmac_keys.get(path)
+        if cached is None or cached[0] != mtime:
+            with open(path, "rb") as f:
+                cached = (mtime, f.read().strip())
+            self._hmac_keys[path] = cached
+        return cached[1]
+
+    def _sidecar(self, d: Delivery, t: Transfer, signed: Signed | None, ctx: str) -> bytes | None:
+        """The sidecar document for this delivery, if its destination wants one."""
+        opts = self.config.destinations[d.destination].options
+        if not opts.get("sidecar"):
+            return None
+        if signed is None:
+            log.warning("%s no signed manifest was recorded for this transfer; delivering without a sidecar", ctx)
+            return None
+        key_file = opts.get("hmac_key_file")
+        return sidecar_bytes(signed, self._hmac_key(str(key_file)) if key_file else None)
+
+    async def _attempt(self, d: Delivery, t: Transfer, signed: Signed | None = None) -> None:
         ctx = f"delivery={d.id} transfer={t.id} dest={d.destination} attempt={d.attempts}"
         if d.destination not in self.config.destinations:
             await self._finish(d.id, "failed", last_error="destination no longer configured")
             log.error("delivery failed %s: destination no longer configured", ctx)
             return
+        if signed is not None:
+            m = signed.manifest
+            if m.get("size") != t.size or m.get("digests", {}).get("sha256") != t.sha256:
+                await self._failed(d, t, ctx, "the journal's size/sha256 differ from the signed manifest", False)
+                return
+        try:
+            sidecar = self._sidecar(d, t, signed, ctx)
+        except OSError as exc:
+            await self._failed(d, t, ctx, f"cannot read hmac_key_file: {exc.strerror or exc}", True)
+            return
         payload = Payload(delivery_id=d.id, transfer_id=t.id, tenant=t.tenant, user=t.user, path=t.path,
                           source=self.spool.object_path(t), size=t.size, sha256=t.sha256, received_at=t.received_at,
-                          fresh=d.attempts == 1 and d.last_error is None)
+                          sidecar=sidecar, fresh=d.attempts == 1 and d.last_error is None)
         started = time.monotonic()
         try:
             outcome = await self._destination(d.destination).deliver(payload)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, TypeVar, runtime_checkable
 
 from relayd.config.model import DestinationConfig
+from relayd.integrity.manifest import SIDECAR_SUFFIX
 
 __all__ = ["Payload", "Outcome", "DestinationError", "Destination", "Store", "DigestUnavailable",
            "register", "create_destination", "registered_kinds", "Target", "publish", "conflict_name",
@@ -65,6 +66,9 @@ class Payload:
     """Hex digest of the whole file."""
     received_at: str
     """RFC 3339 UTC, e.g. ``2026-12-03T17:00:00.123456Z``."""
+    sidecar: bytes | None = None
+    """The signed manifest document to publish as ``<final name>.relayd.json`` after the data file
+    (destinations with ``sidecar: true``); None: no sidecar."""
     fresh: bool = False
     """True for the first attempt ever of this delivery: no earlier attempt can have left a temp
     file or published anything, so :func:`publish` skips its look-ups (two round trips per file
@@ -164,6 +168,10 @@ class Store(Protocol):
 
     async def sync_dir(self, path: str) -> None:
         """Make the directory entries in ``path`` durable (no-op where the kind cannot)."""
+        ...
+
+    async def write_small(self, path: str, data: bytes) -> None:
+        """Create or truncate ``path`` and write ``data`` (a few KiB) into it, durably where possible."""
         ...
 
 
@@ -325,6 +333,7 @@ async def publish(store: Store, payload: Payload, final: str, *, verify: str, on
         done = await _already_published(store, payload, final, alt if on_conflict == "rename" else None)
         if done is not None:
             logger.info("%s already published at %s; nothing sent", context, done.remote_path)
+            await _publish_sidecar(store, payload, done.remote_path)
             return done
         await store.makedirs(posixpath.dirname(final))
         offset = 0
@@ -340,9 +349,24 @@ async def publish(store: Store, payload: Payload, final: str, *, verify: str, on
     sent = await store.upload(temp, payload.source, offset, payload.size)
     verified, digest, note = await _verify(store, temp, payload, verify)
     remote = await _publish_temp(store, temp, final, alt, payload, on_conflict)
+    await _publish_sidecar(store, payload, remote)
     await store.sync_dir(posixpath.dirname(final))
     return Outcome(remote_path=remote, verified=verified, remote_digest=digest, bytes_sent=sent,
                    resumed_from=offset, note=note)
+
+
+async def _publish_sidecar(store: Store, payload: Payload, remote: str) -> None:
+    """Write the sidecar next to the published file: temp name, then rename (replacing an older one).
+
+    Runs after the data file's rename, so a watcher that sees the sidecar knows the data is
+    complete; a re-delivery writes it again (a crash between the two renames loses nothing).
+    """
+    if payload.sidecar is None:
+        return
+    final = remote + SIDECAR_SUFFIX
+    temp = temp_name(final, payload.delivery_id)
+    await store.write_small(temp, payload.sidecar)
+    await store.replace(temp, final)
 
 
 async def _matches(store: Store, path: str, payload: Payload) -> tuple[bool, str | None]:

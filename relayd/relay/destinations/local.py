@@ -60,6 +60,19 @@ class LocalStore:
         """fsync the directory so the rename survives a power loss."""
         await asyncio.to_thread(_fsync_dir, path)
 
+    async def write_small(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` (created 0644, truncated) and fsync it."""
+        await asyncio.to_thread(_write_small, path, data)
+
+
+def _write_small(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 def _size_of(path: str) -> int | None:
     try:

@@ -513,6 +513,13 @@ class SftpStore:
     async def sync_dir(self, path: str) -> None:
         """SFTP has no directory fsync; the server's rename is all we get."""
 
+    async def write_small(self, path: str, data: bytes) -> None:
+        """open (create, truncate) + one write + close."""
+        pflags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
+        async with self._sftp.open(path, pflags, asyncssh.SFTPAttrs(permissions=0o644), encoding=None,
+                                   block_size=0) as f:
+            await f.write(data, 0)
+
 
 @register("sftp")
 class SftpDestination:
