@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -74,16 +74,17 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     text = data.strip()
     key: object
     try:
-        if text.startswith(b"ssh-"):
-            key = serialization.load_ssh_public_key(text.split(b"\n")[0])
-        elif b"PRIVATE KEY" in text:
+        if b"PRIVATE KEY" in text:
             if b"OPENSSH PRIVATE KEY" in text:
                 key = serialization.load_ssh_private_key(text, password=None).public_key()
             else:
                 key = serialization.load_pem_private_key(text, password=None).public_key()
-        else:
+        elif b"-----BEGIN" in text:
             key = serialization.load_pem_public_key(text)
-    except (ValueError, TypeError, IndexError) as e:
+        else:  # OpenSSH one-line form; the first line that is not a comment
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith(b"#")]
+            key = serialization.load_ssh_public_key(lines[0] if lines else b"")
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as e:
         raise SigningKeyError(f"{path} is not a readable public key ({e})") from None
     if not isinstance(key, Ed25519PublicKey):
         raise SigningKeyError(f"{path} is not an Ed25519 key")
@@ -104,15 +105,46 @@ def load_public_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
     return keys
 
 
+def _owner_for(directory: Path) -> tuple[int, int] | None:
+    """When root writes here (``relayd keys`` run by an admin), the uid/gid files should get:
+    the owner of ``directory`` (the daemon's user), so that the daemon can still read them."""
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(directory)
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file and a rename.
+
+    The mode is set explicitly (the umask does not apply; a stale temporary file with other
+    permissions is reset before anything is written into it).
+    """
     tmp = path.with_name(f".{path.name}.tmp")
+    owner = _owner_for(path.parent)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
-        os.write(fd, data)
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _make_dir(directory: Path) -> None:
+    """Create the signing directory (0700, owned like ``state_dir`` when made by root)."""
+    existed = directory.exists()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not existed:
+        os.chmod(directory, 0o700)
+        owner = _owner_for(directory.parent)
+        if owner is not None:
+            os.chown(directory, *owner)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -144,9 +176,12 @@ class KeyRing:
         if not current.exists():
             if not create:
                 raise SigningKeyError(f"no signing key in {directory} (it is created when relayd first starts)")
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_dir(directory)
             return cls._new_current(directory)
-        kid = current.read_text().strip()
+        try:
+            kid = current.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SigningKeyError(f"cannot read {current}: {getattr(e, 'strerror', None) or e}") from None
         if not _ID_RE.match(kid):
             raise SigningKeyError(f"{current} does not hold a key id")
         key_file = directory / f"{kid}.key"

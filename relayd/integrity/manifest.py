@@ -35,7 +35,7 @@ from relayd.integrity.keys import KeyRing, verify_signature
 
 __all__ = ["MANIFEST_VERSION", "EXTRA_DIGESTS", "SIDECAR_SUFFIX", "Signed", "VerifyError", "canonical",
            "build_manifest", "sign_manifest", "sidecar_bytes", "parse_sidecar", "verify_document",
-           "verify_file", "file_digests", "new_hashers", "hmac_hex"]
+           "verify_file", "file_digests", "new_hashers", "hmac_hex", "read_hmac_key"]
 
 MANIFEST_VERSION = 1
 SIDECAR_SUFFIX = ".relayd.json"
@@ -55,6 +55,7 @@ class VerifyError(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
@@ -98,6 +99,15 @@ def sign_manifest(ring: KeyRing, manifest: Mapping[str, Any]) -> Signed:
     return Signed(body, ring.sign(body), ring.current_id)
 
 
+def read_hmac_key(path: Path) -> bytes:
+    """The shared HMAC key in the file at ``path``: its bytes, surrounding whitespace stripped
+    (so a trailing newline does not matter). Raises OSError, or ValueError for an empty key."""
+    key = Path(path).read_bytes().strip()
+    if not key:
+        raise ValueError(f"{path} holds no HMAC key (the file is empty)")
+    return key
+
+
 def hmac_hex(key: bytes, body: bytes) -> str:
     """HMAC-SHA256 of ``body`` with ``key``, hex."""
     return hmac.new(key, body, hashlib.sha256).hexdigest()
@@ -121,7 +131,7 @@ def parse_sidecar(data: bytes) -> tuple[dict[str, Any], bytes, bytes, dict[str, 
         if not isinstance(manifest, dict):
             raise TypeError("manifest is not an object")
         body = canonical(manifest)
-    except (ValueError, KeyError, TypeError, binascii.Error) as e:
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as e:
         raise VerifyError("malformed manifest", f"{type(e).__name__}: {e}") from None
     return manifest, body, signature, doc
 
@@ -175,7 +185,7 @@ def verify_file(path: Path, manifest: Mapping[str, Any]) -> str:
     digests = manifest.get("digests")
     if not isinstance(digests, dict) or not isinstance(digests.get("sha256"), str):
         raise VerifyError("malformed manifest", "no sha256 digest")
-    names = [n for n in digests if n in _ALL_DIGESTS]
+    names = ["sha256", *(n for n in digests if n in EXTRA_DIGESTS)]  # sha256 first: it is what we report
     size, actual = file_digests(path, names)
     if size != manifest.get("size"):
         raise VerifyError("digest mismatch", f"size is {size} bytes, the manifest says {manifest.get('size')}")
