@@ -202,15 +202,26 @@ def _block_digests(fd: int, algorithm: str, offset: int, end: int, block_size: i
     return out
 
 
+async def _in_pool(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` on the digest pool. If the caller is cancelled (client gone), the piece in flight
+    still finishes before the cancellation goes on, so no thread reads a descriptor after the
+    caller closed it."""
+    fut = asyncio.get_running_loop().run_in_executor(_pool(), fn, *args)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
+
+
 async def hash_fd(fd: int, algorithm: str, start: int = 0, length: int = 0, block_size: int = 0,
-                  touch: Callable[[], None] | None = None) -> bytes:
+                  progress: Callable[[], None] | None = None) -> bytes:
     """Hash ``length`` bytes of ``fd`` from ``start`` (0: to the end of the file).
 
     ``block_size`` 0 gives one digest of the range; otherwise the concatenated digests of each
-    block. The work runs on the digest pool in pieces of at most 8 MiB; ``touch`` is called after
-    each piece (keeps the session from looking idle).
+    block. The work runs on the digest pool in pieces of at most 8 MiB; ``progress`` is called after
+    each piece (it may raise to stop the work).
     """
-    loop = asyncio.get_running_loop()
     size = os.fstat(fd).st_size
     start = min(start, size)
     end = size if length == 0 else min(size, start + length)
@@ -218,9 +229,9 @@ async def hash_fd(fd: int, algorithm: str, start: int = 0, length: int = 0, bloc
         hasher = ALGORITHMS[algorithm]()
         pos = start
         while pos < end:
-            reached = await loop.run_in_executor(_pool(), _feed, fd, hasher, pos, min(end, pos + _PIECE))
-            if touch is not None:
-                touch()
+            reached = await _in_pool(_feed, fd, hasher, pos, min(end, pos + _PIECE))
+            if progress is not None:
+                progress()
             if reached == pos:
                 break
             pos = reached
@@ -233,10 +244,9 @@ async def hash_fd(fd: int, algorithm: str, start: int = 0, length: int = 0, bloc
     span = max(1, _PIECE // block_size) * block_size
     digests: list[bytes] = []
     for pos in range(start, end, span):
-        digests += await loop.run_in_executor(_pool(), _block_digests, fd, algorithm, pos, min(end, pos + span),
-                                              block_size)
-        if touch is not None:
-            touch()
+        digests += await _in_pool(_block_digests, fd, algorithm, pos, min(end, pos + span), block_size)
+        if progress is not None:
+            progress()
     return b"".join(digests)
 
 
@@ -248,10 +258,15 @@ def pick_algorithm(offered: str) -> str:
     raise asyncssh.SFTPOpUnsupported("No supported hash algorithm (supported: sha256, sha1, md5)")
 
 
-def _touch(server: TenantSFTPServer) -> Callable[[], None]:
-    def touch() -> None:
+def _progress(server: TenantSFTPServer) -> Callable[[], None]:
+    """Called between pieces: the session is not idle; stop if the client has gone."""
+    chan = server.channel
+
+    def progress() -> None:
         server.last_activity = time.monotonic()
-    return touch
+        if chan.is_closing():
+            raise asyncssh.SFTPConnectionLost("Connection lost")
+    return progress
 
 
 async def _open_for_reading(server: TenantSFTPServer, path: bytes) -> ReadHandle:
@@ -298,7 +313,7 @@ async def check_file(server: TenantSFTPServer, target: object | bytes, offered: 
     else:
         raise asyncssh.SFTPPermissionDenied("Permission denied (file not open for reading)")
     try:
-        hashes = await hash_fd(fd, algorithm, start, length, block_size, _touch(server))
+        hashes = await hash_fd(fd, algorithm, start, length, block_size, _progress(server))
     except OSError:
         raise asyncssh.SFTPFailure("Reading the file failed") from None
     finally:
@@ -324,6 +339,20 @@ def _error_text(exc: asyncssh.SFTPError) -> str:
     return "No such file or directory"
 
 
+def _send(chan: asyncssh.SSHServerChannel[bytes], text: str, stderr: bool = False) -> None:
+    """Write to the client unless it is already gone."""
+    if chan.is_closing():
+        return
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        if stderr:
+            chan.write_stderr(data)
+        else:
+            chan.write(data)
+    except (OSError, asyncssh.Error):
+        pass
+
+
 async def run_checksum(server: TenantSFTPServer, cmd: ChecksumCommand,
                        chan: asyncssh.SSHServerChannel[bytes]) -> None:
     """Serve one ``sha256sum <path>`` exec: the line on stdout and exit 0, or coreutils' error on
@@ -337,17 +366,20 @@ async def run_checksum(server: TenantSFTPServer, cmd: ChecksumCommand,
             text = _error_text(exc)
             log.warning("exec %s refused: %s conn=%s user=%s tenant=%s path=%r", cmd.program, text,
                         ident.conn_id, ident.user.name, ident.tenant.name, cmd.path[:512])
-            chan.write_stderr(f"{cmd.program}: {quote_name(cmd.path)}: {text}\n".encode("utf-8", "surrogateescape"))
+            _send(chan, f"{cmd.program}: {quote_name(cmd.path)}: {text}\n", stderr=True)
             return
         try:
-            digest = await hash_fd(handle.fd, cmd.algorithm, touch=_touch(server))
+            digest = await hash_fd(handle.fd, cmd.algorithm, progress=_progress(server))
+        except asyncssh.SFTPConnectionLost:
+            log.info("exec %s abandoned (client gone) conn=%s user=%s tenant=%s path=%s", cmd.program,
+                     ident.conn_id, ident.user.name, ident.tenant.name, handle.vpath)
+            return
         except OSError:
-            chan.write_stderr(f"{cmd.program}: {quote_name(cmd.path)}: Input/output error\n"
-                              .encode("utf-8", "surrogateescape"))
+            _send(chan, f"{cmd.program}: {quote_name(cmd.path)}: Input/output error\n", stderr=True)
             return
         finally:
             os.close(handle.fd)
-        chan.write(format_line(digest.hex(), cmd.path).encode("utf-8", "surrogateescape"))
+        _send(chan, format_line(digest.hex(), cmd.path))
         status = 0
         log.info("exec %s conn=%s user=%s tenant=%s path=%s", cmd.program, ident.conn_id, ident.user.name,
                  ident.tenant.name, handle.vpath)
