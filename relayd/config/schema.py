@@ -206,9 +206,11 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "destinations.<name>.on_conflict": _K("overwrite | rename | fail", "overwrite", "When the final name "
                                           "already exists: replace it, keep both (new name), or fail the "
                                           "delivery.", ("local", "sftp")),
-    "destinations.<name>.sidecar": _K("boolean", False, "Also write the signed manifest next to the file.",
+    "destinations.<name>.sidecar": _K("boolean", False, "Also publish <name>.relayd.json (signed "
+                                      "manifest) after each file, atomically.",
                                       ("local", "sftp")),
-    "destinations.<name>.hmac_key_file": _K("path", None, "Key file for an HMAC over delivered sidecars.",
+    "destinations.<name>.hmac_key_file": _K("path", None, "Shared key for an HMAC-SHA256 over the manifest "
+                                            "in each sidecar (file content, whitespace trimmed).",
                                             ("local", "sftp")),
     "destinations.<name>.max_attempts": _K("integer >= 1", None, "Give up (failed) after this many attempts; "
                                            "not set: no limit."),

@@ -500,6 +500,10 @@ def _build(ck: _Checker, data: dict[Any, Any], source: Path | None) -> Config:
         dest = _parse_destination(ck, dname, draw)
         if dest is not None:
             destinations[dname] = dest
+    if not integrity.manifests:
+        for dname, dest in destinations.items():
+            if dest.options.get("sidecar"):
+                ck.err(f"destinations.{dname}.sidecar", "needs signed manifests, but integrity.manifests is false")
     tenants: dict[str, TenantConfig] = {}
     seen: dict[str, str] = {}
     for tname, traw in _named_items(ck, "tenants", top.get("tenants"), "tenant"):

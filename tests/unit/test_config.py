@@ -709,3 +709,28 @@ def test_certificate_only_user_is_fine_when_the_tenant_has_a_ca() -> None:
     assert user.authorized_keys == () and user.password_hash is None
     data["tenants"]["acme"]["cert_authorities"] = []
     only_error(data, "tenants.acme.users[0]", "could never log in")
+
+
+def test_sidecar_needs_manifests(tmp_path: Path) -> None:
+    raw = {"node": {"id": "g", "state_dir": str(tmp_path / "s"), "spool_dir": str(tmp_path / "p")},
+           "integrity": {"manifests": False, "digests": ["blake2b"]},
+           "destinations": {"out": {"type": "local", "path": str(tmp_path / "o"), "sidecar": True}}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.errors == ["destinations.out.sidecar: needs signed manifests, but integrity.manifests is false"]
+
+
+def test_integrity_digests_checked(tmp_path: Path) -> None:
+    raw = {"node": {"id": "g", "state_dir": str(tmp_path / "s"), "spool_dir": str(tmp_path / "p")},
+           "integrity": {"digests": ["sha3-256", "md5"]}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert len(info.value.errors) == 1 and info.value.errors[0].startswith("integrity.digests[1]: unknown digest 'md5'")
+    raw["integrity"] = {"digests": ["sha3-256", "blake2b"]}
+    assert parse_config(raw).integrity.digests == ("sha3-256", "blake2b")
+
+
+def test_extra_digest_names_match_the_implementation() -> None:
+    from relayd.config.schema import EXTRA_DIGEST_NAMES
+    from relayd.integrity.manifest import EXTRA_DIGESTS
+    assert set(EXTRA_DIGEST_NAMES) == set(EXTRA_DIGESTS)
