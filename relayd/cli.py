@@ -162,7 +162,7 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
 def _cmd_keys_export(args: argparse.Namespace) -> int:
     from relayd.integrity.admin import export_keys
 
-    for path in export_keys(load_config(args.config).node.state_dir, Path(args.dir)):
+    for path in export_keys(load_config(args.config).node.state_dir, Path(args.dir), pem=args.pem):
         print(path)
     return 0
 
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     kp2 = keys.add_parser("export", help="write every public key as <key id>.pub into DIR (for partners)")
     kp2.set_defaults(fn=_cmd_keys_export)
     kp2.add_argument("dir", metavar="DIR")
+    kp2.add_argument("--pem", action="store_true", help="also write <key id>.pem (PEM form, for openssl)")
     for action in keys.choices.values():
         action.add_argument("-c", "--config", required=True, metavar="FILE", help="relayd YAML config")
         if action is not kp2:

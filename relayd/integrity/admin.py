@@ -93,8 +93,9 @@ def rotate_keys(state_dir: Path) -> tuple[str, KeyInfo]:
     return ring.current_id, _info(new)
 
 
-def export_keys(state_dir: Path, out_dir: Path) -> list[Path]:
-    """Write every public key of the gateway as ``<key id>.pub`` (OpenSSH form) into ``out_dir``.
+def export_keys(state_dir: Path, out_dir: Path, pem: bool = False) -> list[Path]:
+    """Write every public key of the gateway as ``<key id>.pub`` (OpenSSH form) into ``out_dir``,
+    and with ``pem`` also as ``<key id>.pem`` (for ``openssl pkeyutl``).
 
     Needs only the public keys (not the private one). Returns the files written, by key id.
     """
@@ -111,6 +112,10 @@ def export_keys(state_dir: Path, out_dir: Path) -> list[Path]:
         path = out_dir / f"{kid}.pub"
         _write_atomic(path, (public_openssh(public, f"relayd-manifest-{kid}") + "\n").encode(), 0o644)
         written.append(path)
+        if pem:
+            path = out_dir / f"{kid}.pem"
+            _write_atomic(path, public_pem(public).encode(), 0o644)
+            written.append(path)
     return written
 
 

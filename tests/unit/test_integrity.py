@@ -424,6 +424,8 @@ def test_show_rotate_export(tmp_path: Path) -> None:
     written = export_keys(state, tmp_path / "out")
     assert sorted(p.name for p in written) == sorted(f"{k}.pub" for k in (old, second.current_id, info.current_id))
     assert set(load_public_keys(tmp_path / "out")) == {old, second.current_id, info.current_id}
+    pems = [p for p in export_keys(state, tmp_path / "pem", pem=True) if p.suffix == ".pem"]
+    assert len(pems) == 3 and all(key_id(load_public_key(p)) == p.stem for p in pems)
     with pytest.raises(SigningKeyError):
         rotate_keys(tmp_path / "nothing")
     with pytest.raises(SigningKeyError):
