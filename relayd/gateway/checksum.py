@@ -226,28 +226,37 @@ async def hash_fd(fd: int, algorithm: str, start: int = 0, length: int = 0, bloc
     start = min(start, size)
     end = size if length == 0 else min(size, start + length)
     if block_size == 0:
-        hasher = ALGORITHMS[algorithm]()
-        pos = start
-        while pos < end:
-            reached = await _in_pool(_feed, fd, hasher, pos, min(end, pos + _PIECE))
-            if progress is not None:
-                progress()
-            if reached == pos:
-                break
-            pos = reached
-        return bytes(hasher.digest())
+        return await _digest_range(fd, algorithm, start, end, progress)
     if block_size < _MIN_BLOCK:
         raise asyncssh.SFTPFailure(f"Block size must be 0 or at least {_MIN_BLOCK}")
     blocks = -(-(end - start) // block_size)
     if blocks * ALGORITHMS[algorithm]().digest_size > _MAX_REPLY_HASH_BYTES:
         raise asyncssh.SFTPFailure("Too many blocks: use a larger block size or a shorter range")
-    span = max(1, _PIECE // block_size) * block_size
     digests: list[bytes] = []
+    if block_size >= _PIECE:  # large blocks: each one in pieces
+        for pos in range(start, end, block_size):
+            digests.append(await _digest_range(fd, algorithm, pos, min(end, pos + block_size), progress))
+        return b"".join(digests)
+    span = _PIECE // block_size * block_size  # small blocks: many per piece
     for pos in range(start, end, span):
         digests += await _in_pool(_block_digests, fd, algorithm, pos, min(end, pos + span), block_size)
         if progress is not None:
             progress()
     return b"".join(digests)
+
+
+async def _digest_range(fd: int, algorithm: str, pos: int, end: int,
+                        progress: Callable[[], None] | None) -> bytes:
+    """One digest of ``[pos, end)``, fed on the digest pool in pieces."""
+    hasher = ALGORITHMS[algorithm]()
+    while pos < end:
+        reached = await _in_pool(_feed, fd, hasher, pos, min(end, pos + _PIECE))
+        if progress is not None:
+            progress()
+        if reached == pos:
+            break
+        pos = reached
+    return bytes(hasher.digest())
 
 
 def pick_algorithm(offered: str) -> str:

@@ -81,9 +81,10 @@ def test_pick_algorithm() -> None:
 
 
 @pytest.mark.parametrize("start, length, block", [(0, 0, 0), (5, 0, 0), (5, 1000, 0), (0, 0, 256), (3, 9000, 4096),
-                                                  (10 ** 9, 0, 0)])
+                                                  (10 ** 9, 0, 0), (7, 0, 9 << 20), (0, 0, 1 << 20)])
 def test_hash_fd_ranges(tmp_path: Path, start: int, length: int, block: int) -> None:
-    data = os.urandom(20_000)
+    """Whole ranges, sub-ranges, small blocks (many per piece) and blocks larger than a piece."""
+    data = os.urandom(20_000) if block < 1 << 20 else os.urandom(20 << 20)
     path = tmp_path / "f"
     path.write_bytes(data)
     part = data[start:] if length == 0 else data[start:start + length]
