@@ -464,3 +464,19 @@ def test_verify_lines(ring: KeyRing, data_file: Path, tmp_path: Path) -> None:
     assert fails(manifest=tmp_path / "edited.json").startswith("FAIL bad signature: ")
     data_file.write_bytes(data_file.read_bytes()[:-1] + b"!")
     assert fails().startswith("FAIL digest mismatch: sha256 is ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+def test_files_written_by_root_belong_to_the_daemon_user(tmp_path: Path) -> None:
+    """``relayd keys`` run by root: the daemon (owner of state_dir) can still read its key."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 4321, 4321)
+    ring = KeyRing.open(state)
+    new = ring.rotate()
+    d = state / "signing"
+    for p in (d, d / "current", d / f"{new.current_id}.key", d / f"{new.current_id}.pub",
+              d / f"{ring.current_id}.pub"):
+        st = p.stat()
+        assert (st.st_uid, st.st_gid) == (4321, 4321), p
+    assert stat.S_IMODE((d / f"{new.current_id}.key").stat().st_mode) == 0o600
