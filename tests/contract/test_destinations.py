@@ -318,7 +318,7 @@ def test_sftp_without_exec_falls_back_to_size(sftp_only_remote: Remote, tmp_path
     root = tmp_path / "dest"
     root.mkdir()
     env = DestEnv(kind="sftp", tmp=tmp_path, root=root, remote=sftp_only_remote)
-    p = env.payload("/nx.bin", size=300_000, seed=13)
+    p = env.payload("/nx.bin", size=1_300_000, seed=13)
     out = deliver(env, p)
     assert (out.verified, out.remote_digest) == ("size", None)
     assert "sha256 unavailable" in out.note and "verified size only" in out.note
@@ -330,7 +330,7 @@ def test_sftp_without_exec_falls_back_to_size(sftp_only_remote: Remote, tmp_path
     assert files(root) == ["nx.bin"] and parts(root) == []
     # Keep-both: the name carrying the delivery id is trusted on size, so nothing is re-sent.
     (root / "kb.bin").write_bytes(b"theirs")
-    q = env.payload("/kb.bin", size=1000, seed=14)
+    q = env.payload("/kb.bin", size=1_100_000, seed=14)
     first = deliver(env, q, on_conflict="rename")
     second = deliver(env, q, on_conflict="rename")
     assert first.remote_path == second.remote_path == str(root / f"kb.{q.delivery_id}.bin")

@@ -49,6 +49,7 @@ def test_sftp_uses_openssl_digest(remote: Remote, tmp_path: Path) -> None:
     async def body() -> tuple[str, str | None]:
         dest = env.make()
         assert isinstance(dest, SftpDestination)
+        dest.readback_max = 0  # small files are read back; this test is about the exec path
         try:
             out = await dest.deliver(p)
             return out.verified, dest.digest.working
@@ -67,9 +68,12 @@ def test_sftp_without_exec_tries_one_command_per_file(sftp_only_remote: Remote, 
     async def body() -> list[str]:
         dest = env.make()
         assert isinstance(dest, SftpDestination)
+        dest.readback_max = 1000
         try:
             out = await dest.deliver(env.payload("/a.bin", size=5000, seed=22))
             assert out.verified == "size" and "verified size only" in out.note
+            small = await dest.deliver(env.payload("/s.bin", size=900, seed=23))
+            assert small.verified == "sha256" and not small.note  # read back: no exec needed
             return dest.digest.order()
         finally:
             await dest.close()
@@ -87,6 +91,7 @@ def test_concurrent_digests_share_execs(remote: Remote, tmp_path: Path) -> None:
     async def body() -> tuple[list[str], int]:
         dest = env.make()
         assert isinstance(dest, SftpDestination)
+        dest.readback_max = 0
         try:
             outs = await asyncio.gather(*(dest.deliver(p) for p in payloads))
             return [o.verified for o in outs], dest.digests.execs
@@ -98,3 +103,23 @@ def test_concurrent_digests_share_execs(remote: Remote, tmp_path: Path) -> None:
     assert execs < 20, execs
     for p in payloads:
         assert sha256_file(root / p.path.lstrip("/")) == p.sha256
+
+
+def test_small_files_verified_by_reading_back(remote: Remote, tmp_path: Path) -> None:
+    """Small files: SHA-256 of what the server stored, read back over SFTP, no exec at all."""
+    root = tmp_path / "dest"
+    root.mkdir()
+    env = DestEnv(kind="sftp", tmp=tmp_path, root=root, remote=remote)
+    payloads = [env.payload(f"/rb/f{k}.bin", size=20_000 + k, seed=300 + k) for k in range(10)]
+
+    async def body() -> tuple[list[str], int]:
+        dest = env.make()
+        assert isinstance(dest, SftpDestination)
+        try:
+            outs = await asyncio.gather(*(dest.deliver(p) for p in payloads))
+            return [o.verified for o in outs], dest.digests.execs
+        finally:
+            await dest.close()
+
+    verified, execs = run(body())
+    assert verified == ["sha256"] * 10 and execs == 0

@@ -8,8 +8,10 @@
 * **Pipelined writes** from the spool file: blocks of ``block_size`` (capped at 261120, OpenSSH's
   limit, and at the server's advertised limit), ``requests`` in flight; memory stays at about
   ``block_size * requests`` per delivery.
-* **Verify**: ``openssl dgst -sha256`` (else ``sha256sum``) over an exec channel when the server
-  allows it, else size (noted); the command that works is remembered per destination.
+* **Verify**: files up to 1 MiB are read back over the SFTP session and hashed here (cheaper than
+  a remote process, and possible on servers that refuse exec); larger ones get ``openssl dgst
+  -sha256`` (else ``sha256sum``) over an exec channel when the server allows it, batched across
+  concurrent deliveries, else size (noted); the command that works is remembered per destination.
 * Modern algorithms only (the gateway's list: no SHA-1, no CBC).
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -253,6 +256,8 @@ def _parse_digests(output: str, paths: list[str]) -> dict[str, str]:
 
 
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+READBACK_MAX = 1024 * 1024
+"""Files up to this size are verified by reading them back over SFTP instead of a remote exec."""
 _SOLO_DIGEST = 16 * 1024 * 1024
 """Files larger than this get an exec of their own (hashing them takes long enough that batching
 gains nothing, and small files should not queue behind them)."""
@@ -395,8 +400,9 @@ class SftpStore:
     """:class:`~relayd.relay.destinations.base.Store` over one pooled SFTP connection."""
 
     def __init__(self, conn: _Conn, block_size: int, requests: int, digests: DigestBatcher,
-                 size: int = 0) -> None:
+                 size: int = 0, readback_max: int = READBACK_MAX) -> None:
         self._conn = conn
+        self._readback_max = readback_max
         self._digests = digests
         self._sftp = conn.sftp
         limit = conn.sftp.limits.max_write_len or MAX_BLOCK
@@ -477,7 +483,26 @@ class SftpStore:
         Tries ``openssl dgst -sha256 -r`` first (OpenSSL uses the CPU's SHA extensions: several
         times faster than coreutils), then ``sha256sum``; see :class:`DigestCommands`.
         """
+        if self._size <= self._readback_max:
+            return await self._read_back(path)
         return await self._digests.sha256(self._conn, path, self._size)
+
+    async def _read_back(self, path: str) -> str:
+        """SHA-256 of what the server stored, read back over this SFTP session (small files).
+
+        Three round trips and a few KiB on the wire cost less than starting a process on the
+        server, and work on servers that refuse exec.
+        """
+        h = hashlib.sha256()
+        async with self._sftp.open(path, "rb", encoding=None, block_size=self._block) as f:
+            pos = 0
+            while pos <= self._readback_max:
+                data = await f.read(self._block, pos)
+                if not isinstance(data, bytes) or not data:
+                    break
+                h.update(data)
+                pos += len(data)
+        return h.hexdigest()
 
     async def remove(self, path: str) -> None:
         """Remove; missing is fine."""
@@ -542,6 +567,8 @@ class SftpDestination:
         concurrency = int(o.get("concurrency") or 4)
         streams = int(o.get("streams") or 16)
         self.slots = concurrency * streams
+        self.readback_max = READBACK_MAX
+        """Verify files up to this size by reading them back (0: always exec)."""
         self.digest = DigestCommands()
         self.digests = DigestBatcher(self.digest, self.connect_timeout, parallel=1)
         self.pool = Pool(self.name, self._connect, concurrency, float(o.get("idle_timeout", 300.0)), streams)
@@ -557,7 +584,8 @@ class SftpDestination:
         context = f"dest={self.name} delivery={payload.delivery_id}"
         try:
             async with self.pool.connection() as conn:
-                store = SftpStore(conn, self.block_size, self.requests, self.digests, payload.size)
+                store = SftpStore(conn, self.block_size, self.requests, self.digests, payload.size,
+                                  self.readback_max)
                 outcome = await publish(store, payload, final, verify=self.verify,
                                         on_conflict=self.on_conflict, logger=log, context=context)
         except DestinationError:
