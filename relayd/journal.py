@@ -363,6 +363,13 @@ class Journal:
             rows = self._conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
         return {r[0]: r[1] for r in rows}
 
+    def waiting_by_destination(self) -> dict[str, int]:
+        """Unfinished (pending, retry_wait, sending) deliveries per destination name."""
+        with self._lock:
+            rows = self._conn.execute("SELECT destination, COUNT(*) FROM deliveries WHERE state IN "
+                                      "('pending', 'retry_wait', 'sending') GROUP BY destination").fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def deliveries_of(self, transfer_id: str) -> list[Delivery]:
         """The deliveries of one transfer, in creation order."""
         with self._lock:

@@ -73,7 +73,21 @@ class Relay:
     def update_config(self, config: Config) -> None:
         """Apply a reloaded config: changed destinations are rebuilt on their next use."""
         self.config = config
+        asyncio.ensure_future(self._report_orphans())
         self.wake()
+
+    async def _report_orphans(self) -> None:
+        """Warn about queued deliveries whose destination is not configured: they wait (nothing
+        is dropped) until it is configured again or an admin cancels them."""
+        try:
+            waiting = await self._db(self.journal.waiting_by_destination)
+        except Exception:  # noqa: BLE001 - a report only
+            log.debug("cannot count waiting deliveries", exc_info=True)
+            return
+        for name, count in sorted(waiting.items()):
+            if name not in self.config.destinations:
+                log.warning("%d deliveries wait for destination %r, which is not in the config; they stay "
+                            "queued until it is configured again", count, name)
 
     @property
     def in_flight(self) -> int:
@@ -85,6 +99,7 @@ class Relay:
         reset = await self._db(self.journal.reset_in_flight)
         if reset:
             log.info("recovery: %d interrupted deliveries will resume", reset)
+        await self._report_orphans()
         while not self._stopping:
             self._wake.clear()
             now = time.time()

@@ -90,3 +90,35 @@ def test_retention_purges_after_all_deliveries_ended(tmp_path: Path, keys: dict[
         kept = next(t for t in d.transfers() if t["path"] == "/keep/k.dat")
         assert (objects / kept["object"]).exists() and (d.inbox("acme") / "keep/k.dat").exists()
         assert len(list(objects.iterdir())) == 1
+
+
+def test_deliveries_of_a_removed_destination_wait_and_are_reported(tmp_path: Path, keys: dict[str, Key]) -> None:
+    """Removing a destination by reload drops nothing: its queued deliveries wait, with a warning,
+    and go out when it is configured again."""
+    import signal
+
+    import yaml
+
+    port = free_port()
+    cfg = base_config(tmp_path, port, two_tenants(keys, routes=[{"match": "**", "to": ["later"]}]))
+    (tmp_path / "known_hosts").write_text("")
+    # Nothing listens on this port: every attempt fails retryably.
+    cfg["destinations"] = {"later": {"type": "sftp", "host": "127.0.0.1", "port": free_port(), "user": "x",
+                                     "identity": str(keys["stranger"].path),
+                                     "known_hosts": str(tmp_path / "known_hosts"), "path": "/in",
+                                     "retry_initial": "0.2s", "retry_max": "0.5s"}}
+    with run_daemon(tmp_path / "d", cfg) as d:
+        src = make_file(tmp_path / "w.bin", 4000)
+        assert d.sftp(keys["acme"], "acme-erp", f"put {src} /w.bin\n").returncode == 0
+        wait_for(lambda: "delivery attempt failed" in d.log(), 30, interval=0.1, what="a failed attempt")
+        removed = {**cfg, "destinations": {}, "tenants": two_tenants(keys)}
+        d.config_path.write_text(yaml.safe_dump(removed))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "wait for destination 'later', which is not in the config" in d.log(), 30,
+                 what="orphan warning")
+        assert _states(d, "/w.bin")[0][1] in ("retry_wait", "pending")
+        d.config_path.write_text(yaml.safe_dump({**cfg, "destinations": {"later": _local_dest(tmp_path / "out")}}))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: _states(d, "/w.bin") == [("later", "delivered")], 30, interval=0.1,
+                 what="delivered once configured again")
+        assert sha256_file(tmp_path / "out/w.bin") == sha256_file(src)
