@@ -76,6 +76,8 @@ class UserConfig:
     authorized_keys_file: Path | None = None
     password_hash: str | None = None
     permissions: frozenset[str] = DEFAULT_PERMISSIONS
+    trusted_signers: tuple[str, ...] = ()
+    """``ssh-ed25519 AAAA...`` lines: manifest signing keys a peer user's offers may be signed with."""
 
 
 @dataclass(frozen=True)

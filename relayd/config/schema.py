@@ -12,7 +12,7 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Mapping
 
-PERMISSIONS = frozenset({"list", "download", "upload", "overwrite", "delete", "rename", "mkdir"})
+PERMISSIONS = frozenset({"list", "download", "upload", "overwrite", "delete", "rename", "mkdir", "peer"})
 DEFAULT_PERMISSIONS = frozenset({"upload", "list", "mkdir"})
 DEFAULT_TEMP_PATTERNS = ("*.tmp", "*.part", "*.filepart")
 COMMIT_MODES = ("close", "rename")
@@ -175,7 +175,11 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
                                                "hash; make one with `relayd hash-password`. Plaintext is "
                                                "refused."),
     "tenants.<name>.users[].permissions": _K("list", sorted(DEFAULT_PERMISSIONS), "Any of list, download, "
-                                             "upload, overwrite, delete, rename, mkdir."),
+                                             "upload, overwrite, delete, rename, mkdir; peer: another relayd "
+                                             "may deliver through the relayd-peer@relayd subsystem."),
+    "tenants.<name>.users[].trusted_signers": _K("list of public keys", [], "For a peer user: the Ed25519 "
+                                                 "manifest keys (ssh-ed25519 lines, from `relayd keys show` on "
+                                                 "the sending gateway) whose signed offers are accepted."),
     "tenants.<name>.routes": _K("list of mappings", [], "Where committed files go; every matching route "
                                 "applies."),
     "tenants.<name>.routes[].match": _K("glob", REQUIRED, "Path inside the tenant root: * and ? stay within "

@@ -282,10 +282,23 @@ def _parse_user(ck: _Checker, path: str, raw: _Node, tenant: str, has_ca: bool =
         elif text is not None:
             ck.err(kpath, f"{keys_file} has no keys and the user has no other credential; "
                    "it could never log in")
+    signers: list[str] = []
+    for ipath, line in ck.str_items(_join(path, "trusted_signers"), raw.get("trusted_signers")):
+        fields = line.split()
+        if len(fields) < 2 or fields[0] != "ssh-ed25519" or _public_key_problem(line):
+            ck.err(ipath, "expected an Ed25519 public key line (ssh-ed25519 AAAA... [comment]), as printed by "
+                   "`relayd keys show` on the sending gateway")
+        else:
+            signers.append(" ".join(fields[:2]))
+    if signers and "peer" not in perms:
+        ck.err(_join(path, "trusted_signers"), "only meaningful with the peer permission")
+    if "peer" in perms and not signers and raw.get("trusted_signers") is None:
+        ck.err(_join(path, "permissions"), "the peer permission needs trusted_signers (the sending gateway's "
+               "manifest keys)")
     if name is None:
         return None
     return UserConfig(name=name, tenant=tenant, authorized_keys=tuple(keys), authorized_keys_file=keys_file,
-                      password_hash=pw_hash, permissions=perms)
+                      password_hash=pw_hash, permissions=perms, trusted_signers=tuple(signers))
 
 
 def _parse_routes(ck: _Checker, path: str, value: _Node,
