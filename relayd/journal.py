@@ -71,6 +71,21 @@ _SCHEMA = [
         signature   BLOB NOT NULL
     );
     """,
+    # version 4: peer relay. Sender: the receipt a peer signed, per delivery. Receiver: which
+    # sender transfer each received transfer came from (a repeated offer is answered, not
+    # committed twice), and how many regions changed (block size from history).
+    """
+    ALTER TABLE deliveries ADD COLUMN receipt TEXT;
+    CREATE TABLE peer_origins (
+        sender_gateway     TEXT NOT NULL,
+        sender_transfer_id TEXT NOT NULL,
+        transfer_id        TEXT NOT NULL REFERENCES transfers(id),
+        changed_regions    INTEGER,
+        PRIMARY KEY (sender_gateway, sender_transfer_id)
+    );
+    CREATE INDEX peer_origins_transfer ON peer_origins(transfer_id);
+    CREATE INDEX transfers_path ON transfers(tenant, path);
+    """,
 ]
 
 # Delivery states (DESIGN.md): pending → sending → delivered | retry_wait → failed | denied | quarantined
@@ -78,7 +93,7 @@ DELIVERY_STATES = ("pending", "sending", "delivered", "retry_wait", "failed", "d
                    "cancelled")
 TERMINAL_STATES = frozenset({"delivered", "failed", "denied", "quarantined", "cancelled"})
 _FINISH_FIELDS = frozenset({"last_error", "next_attempt_at", "remote_path", "verified", "remote_digest",
-                            "bytes_sent"})
+                            "bytes_sent", "receipt"})
 
 
 class JournalError(Exception):
@@ -119,6 +134,8 @@ class Delivery:
     verified: str | None = None
     remote_digest: str | None = None
     bytes_sent: int = 0
+    receipt: str | None = None
+    """The signed receipt document a receiving relayd returned (relayd destinations)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for JSON output."""
@@ -198,7 +215,8 @@ class Journal:
             self._conn.close()
 
     def add_transfer(self, t: Transfer, destinations: Sequence[str] = (),
-                     manifest: SignedManifest | None = None) -> list[Delivery]:
+                     manifest: SignedManifest | None = None,
+                     origin: tuple[str, str, int | None] | None = None) -> list[Delivery]:
         """Insert a committed transfer, its signed manifest and one pending delivery per
         destination, atomically.
 
@@ -223,6 +241,9 @@ class Journal:
                 if manifest is not None:
                     self._conn.execute("INSERT INTO manifests (transfer_id, key_id, body, signature) VALUES (?,?,?,?)",
                                        (t.id, manifest.key_id, manifest.body, manifest.signature))
+                if origin is not None:
+                    self._conn.execute("INSERT INTO peer_origins (sender_gateway, sender_transfer_id, transfer_id,"
+                                       " changed_regions) VALUES (?,?,?,?)", (origin[0], origin[1], t.id, origin[2]))
         except sqlite3.Error as exc:
             raise JournalError(f"cannot record transfer {t.id}: {exc}") from None
         return deliveries
@@ -235,6 +256,30 @@ class Journal:
         if row is None:
             return None
         return SignedManifest(bytes(row["body"]), bytes(row["signature"]), row["key_id"])
+
+    def origin_transfer(self, sender_gateway: str, sender_transfer_id: str) -> Transfer | None:
+        """The transfer committed from a peer's offer of ``sender_transfer_id``, if any."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT t.* FROM peer_origins o JOIN transfers t ON t.id = o.transfer_id"
+                " WHERE o.sender_gateway = ? AND o.sender_transfer_id = ?", (sender_gateway, sender_transfer_id)).fetchone()
+        return Transfer(**dict(row)) if row is not None else None
+
+    def last_changed_regions(self, tenant: str, path: str) -> int | None:
+        """Changed regions of the latest delta-received version of ``path`` (None: no history)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT o.changed_regions FROM transfers t JOIN peer_origins o ON o.transfer_id = t.id"
+                " WHERE t.tenant = ? AND t.path = ? AND o.changed_regions IS NOT NULL"
+                " ORDER BY t.rowid DESC LIMIT 1", (tenant, path)).fetchone()
+        return int(row[0]) if row is not None else None
+
+    def latest_transfer(self, tenant: str, path: str) -> Transfer | None:
+        """The newest committed (not purged) transfer of ``path`` in ``tenant``."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM transfers WHERE tenant = ? AND path = ? AND state = 'committed'"
+                                     " ORDER BY rowid DESC LIMIT 1", (tenant, path)).fetchone()
+        return Transfer(**dict(row)) if row is not None else None
 
     def manifests_for(self, transfer_ids: Sequence[str]) -> dict[str, SignedManifest]:
         """The signed manifests of several transfers, by transfer id (missing ones left out)."""
@@ -308,7 +353,7 @@ class Journal:
                 raise ValueError(f"unknown delivery fields {sorted(unknown)}")
             sets = ["state = ?", "updated_at = ?", "last_error = ?"]
             args: list[object] = [state, now, fields.get("last_error")]
-            for column in ("next_attempt_at", "remote_path", "verified", "remote_digest"):
+            for column in ("next_attempt_at", "remote_path", "verified", "remote_digest", "receipt"):
                 if fields.get(column) is not None:
                     sets.append(f"{column} = ?")
                     args.append(fields[column])
@@ -390,6 +435,12 @@ class Journal:
             for r in rows:
                 out[r["transfer_id"]].append(Delivery(**dict(r)))
         return out
+
+    def get_delivery(self, delivery_id: str) -> Delivery | None:
+        """One delivery by id."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+        return Delivery(**dict(row)) if row is not None else None
 
     def get_transfer(self, transfer_id: str) -> Transfer | None:
         """The transfer with this id, or None."""

@@ -117,6 +117,8 @@ class CommitRequest:
     destinations: tuple[str, ...] = ()
     digests: Mapping[str, str] = field(default_factory=dict)
     """Extra digests already computed while receiving (``integrity.digests``), by name."""
+    origin: tuple[str, str, int | None] | None = None
+    """For a file a peer relayd sent: (sender gateway, sender transfer id, changed regions)."""
 
 
 class Spool:
@@ -185,7 +187,7 @@ class Spool:
             signed = self.notary.sign(transfer_id=tid, tenant=req.tenant, user=req.user, path=req.path, size=size,
                                       digests=digests, received_at=transfer.received_at, source=req.source)
         try:
-            self.journal.add_transfer(transfer, req.destinations, signed)
+            self.journal.add_transfer(transfer, req.destinations, signed, req.origin)
         except BaseException:
             _unlink_quiet(obj)
             raise

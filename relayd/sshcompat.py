@@ -15,7 +15,8 @@
   doubles the packets, encryptions and socket writes of every SFTP request and reply. The patch
   drops it unless the connection's send cipher is a CBC mode (relayd never offers one).
 * asyncssh's logger formats every debug message's arguments before the logging level is
-  checked (one per SFTP request); the patch checks the level first.
+  checked (one per SFTP request), and its packet logger names and measures every packet before
+  its logger looks at the debug level; the patches check the level first.
 * Client connections (the relay's destinations) write each packet to the socket as it is made;
   with many deliveries sharing a connection that is one system call per packet. The patch
   gathers the packets made in one event-loop turn into one write (flushed on the next turn).
@@ -27,8 +28,12 @@ from __future__ import annotations
 from typing import Any
 
 
+import logging as _logging
+
 from asyncssh import connection as _conn
+from asyncssh import packet as _packet
 from asyncssh import logging as _sshlog
+from asyncssh import sftp as _sftp
 from asyncssh.packet import SSHPacket, String
 
 __all__ = ["install"]
@@ -83,6 +88,20 @@ class _InputBuffer:
         stop = len(self._data) if end is None else min(len(self._data), self._start + end)
         idx = self._data.find(sub, self._start + start, stop)
         return idx - self._start if idx >= 0 else -1
+class _LazyHideEmpty:
+    """asyncssh's ``hide_empty(attrs)`` log argument, formatted only when the message is logged."""
+
+    __slots__ = ("value", "prefix")
+
+    def __init__(self, value: object, prefix: str = ", ") -> None:
+        self.value = value
+        self.prefix = prefix
+
+    def __str__(self) -> str:
+        text = str(self.value)
+        return self.prefix + text if text else ""
+
+
 _installed = False
 
 
@@ -143,6 +162,16 @@ def _install_send_patches() -> None:
             log(self, level, msg, *args, **kwargs)
 
     _sshlog.SSHLogger.log = log_if_enabled  # type: ignore[method-assign]
+
+    log_packet = _packet.SSHPacketLogger._log_packet
+
+    def log_packet_if_enabled(self: Any, msg: str, pkttype: int, pktid: Any, packet: Any, note: str) -> None:
+        # asyncssh formats the packet's name and size before its logger looks at the level.
+        if self.logger._debug_level >= 3 and self.logger.isEnabledFor(_logging.DEBUG):
+            log_packet(self, msg, pkttype, pktid, packet, note)
+
+    _packet.SSHPacketLogger._log_packet = log_packet_if_enabled  # type: ignore[method-assign]
+    _sftp.hide_empty = _LazyHideEmpty  # type: ignore[assignment]  # formatted only if logged
 
     send = _conn.SSHConnection._send
 

@@ -31,6 +31,9 @@ __all__ = ["Relay", "RetryPolicy"]
 
 log = logging.getLogger("relayd.relay")
 
+CLAIM_GATHER = 0.02
+"""Seconds a busy destination's free slots may wait to be claimed together (see :meth:`Relay.run`)."""
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -100,26 +103,47 @@ class Relay:
         if reset:
             log.info("recovery: %d interrupted deliveries will resume", reset)
         await self._report_orphans()
+        last_claim: dict[str, float] = {}
         while not self._stopping:
             self._wake.clear()
             now = time.time()
+            backlog = False   # some destination is full: a finishing attempt will wake us
+            deferred = False  # a claim was put off to gather more free slots
             for name in self.config.destinations:
-                limit = self._slots(name) - len(self._in_flight.get(name, ()))
-                if limit <= 0:
+                slots = self._slots(name)
+                free = slots - len(self._in_flight.get(name, ()))
+                if free <= 0:
+                    backlog = True
                     continue
-                for delivery, transfer, signed in await self._db(self._claim, name, limit, now):
+                # Claim in batches while busy: one journal round per few finished attempts
+                # instead of one per attempt (a finishing attempt wakes this loop), but never
+                # hold free slots back for long.
+                if free < max(1, slots // 4) and now - last_claim.get(name, 0.0) < CLAIM_GATHER:
+                    deferred = True
+                    continue
+                last_claim[name] = now
+                claimed = await self._db(self._claim, name, free, now)
+                for delivery, transfer, signed in claimed:
                     task = asyncio.ensure_future(self._attempt(delivery, transfer, signed))
                     tasks = self._in_flight.setdefault(name, set())
                     tasks.add(task)
                     task.add_done_callback(functools.partial(self._done, name))
+                if len(claimed) == free:
+                    backlog = True
             # Sleep until woken (a commit, a finished attempt, a retry request) or until the next
             # retry falls due; at most 1 s, so changes made by other processes are seen too.
             # Deliveries already due but not claimed wait for a destination slot (a wake).
-            next_due = await self._db(self.journal.next_due)
-            now = time.time()
-            timeout = 1.0 if next_due is None or next_due <= now else min(1.0, next_due - now)
+            if backlog:
+                timeout = 1.0
+            else:
+                next_due = await self._db(self.journal.next_due)
+                now = time.time()
+                timeout = 1.0 if next_due is None or next_due <= now else min(1.0, next_due - now)
+            if deferred:
+                timeout = min(timeout, CLAIM_GATHER)
+                await asyncio.sleep(CLAIM_GATHER / 4)  # let a few more attempts finish first
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
+                await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.001))
             except asyncio.TimeoutError:
                 pass
 
@@ -215,7 +239,7 @@ class Relay:
             return
         payload = Payload(delivery_id=d.id, transfer_id=t.id, tenant=t.tenant, user=t.user, path=t.path,
                           source=self.spool.object_path(t), size=t.size, sha256=t.sha256, received_at=t.received_at,
-                          sidecar=sidecar, fresh=d.attempts == 1 and d.last_error is None)
+                          sidecar=sidecar, manifest=signed, fresh=d.attempts == 1 and d.last_error is None)
         started = time.monotonic()
         try:
             outcome = await self._destination(d.destination).deliver(payload)
@@ -231,7 +255,7 @@ class Relay:
             return
         await self._finish(d.id, "delivered", remote_path=outcome.remote_path,
                        verified=outcome.verified, remote_digest=outcome.remote_digest,
-                       bytes_sent=outcome.bytes_sent, last_error=outcome.note or None)
+                       bytes_sent=outcome.bytes_sent, last_error=outcome.note or None, receipt=outcome.receipt)
         log.info("delivered %s path=%s verified=%s bytes_sent=%d resumed_from=%d in %.2fs%s", ctx,
                  outcome.remote_path, outcome.verified, outcome.bytes_sent, outcome.resumed_from,
                  time.monotonic() - started, f" note={outcome.note}" if outcome.note else "")

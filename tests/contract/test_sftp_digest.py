@@ -106,11 +106,33 @@ def test_concurrent_digests_share_execs(remote: Remote, tmp_path: Path) -> None:
 
 
 def test_small_files_verified_by_reading_back(remote: Remote, tmp_path: Path) -> None:
-    """Small files: SHA-256 of what the server stored, read back over SFTP, no exec at all."""
+    """Small files while the destination is not busy: SHA-256 of what the server stored, read
+    back over SFTP, no exec at all (busy destinations batch them into execs, see above)."""
     root = tmp_path / "dest"
     root.mkdir()
     env = DestEnv(kind="sftp", tmp=tmp_path, root=root, remote=remote)
     payloads = [env.payload(f"/rb/f{k}.bin", size=20_000 + k, seed=300 + k) for k in range(10)]
+
+    async def body() -> tuple[list[str], int]:
+        dest = env.make()
+        assert isinstance(dest, SftpDestination)
+        try:
+            outs = [await dest.deliver(p) for p in payloads[:5]]
+            outs += await asyncio.gather(*(dest.deliver(p) for p in payloads[5:]))  # 5 < BATCH_DIGESTS_FROM
+            return [o.verified for o in outs], dest.digests.execs
+        finally:
+            await dest.close()
+
+    verified, execs = run(body())
+    assert verified == ["sha256"] * 10 and execs == 0
+
+
+def test_busy_destination_batches_small_file_digests(remote: Remote, tmp_path: Path) -> None:
+    """Many small deliveries at once: hashed by a few batched execs instead of read back one by one."""
+    root = tmp_path / "dest"
+    root.mkdir()
+    env = DestEnv(kind="sftp", tmp=tmp_path, root=root, remote=remote)
+    payloads = [env.payload(f"/busy/f{k:02d}.bin", size=5000 + k, seed=500 + k) for k in range(40)]
 
     async def body() -> tuple[list[str], int]:
         dest = env.make()
@@ -122,4 +144,7 @@ def test_small_files_verified_by_reading_back(remote: Remote, tmp_path: Path) ->
             await dest.close()
 
     verified, execs = run(body())
-    assert verified == ["sha256"] * 10 and execs == 0
+    assert verified == ["sha256"] * 40
+    assert 0 < execs < 20, execs
+    for p in payloads:
+        assert sha256_file(root / p.path.lstrip("/")) == p.sha256

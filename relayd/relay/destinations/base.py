@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, TypeVar, runtime_checkable
 
 from relayd.config.model import DestinationConfig
-from relayd.integrity.manifest import SIDECAR_SUFFIX
+from relayd.integrity.manifest import SIDECAR_SUFFIX, Signed
 
 __all__ = ["Payload", "Outcome", "DestinationError", "Destination", "Store", "DigestUnavailable",
            "register", "create_destination", "registered_kinds", "Target", "publish", "conflict_name",
@@ -69,6 +69,8 @@ class Payload:
     sidecar: bytes | None = None
     """The signed manifest document to publish as ``<final name>.relayd.json`` after the data file
     (destinations with ``sidecar: true``); None: no sidecar."""
+    manifest: Signed | None = None
+    """The transfer's signed manifest (None for transfers committed without one)."""
     fresh: bool = False
     """True for the first attempt ever of this delivery: no earlier attempt can have left a temp
     file or published anything, so :func:`publish` skips its look-ups (two round trips per file
@@ -93,6 +95,8 @@ class Outcome:
     resumed_from: int
     """Offset the attempt started from (0 = from scratch)."""
     note: str = ""
+    receipt: str | None = None
+    """A receiving relayd's signed receipt document (relayd destinations)."""
 
 
 class DestinationError(Exception):

@@ -100,7 +100,8 @@ class _Conn:
     """One pooled SSH connection and its SFTP session, shared by up to ``streams`` deliveries."""
 
     ssh: asyncssh.SSHClientConnection
-    sftp: asyncssh.SFTPClient
+    sftp: asyncssh.SFTPClient | None
+    """None for kinds that open their own channels per delivery (relayd peers)."""
     window: asyncio.Semaphore
     """Write requests in flight on this connection, shared by its deliveries (bounds memory)."""
     users: int = 0
@@ -258,6 +259,8 @@ def _parse_digests(output: str, paths: list[str]) -> dict[str, str]:
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 READBACK_MAX = 1024 * 1024
 """Files up to this size are verified by reading them back over SFTP instead of a remote exec."""
+BATCH_DIGESTS_FROM = 8
+"""Deliveries in flight on a destination from which small files are hashed by batched execs."""
 _SOLO_DIGEST = 16 * 1024 * 1024
 """Files larger than this get an exec of their own (hashing them takes long enough that batching
 gains nothing, and small files should not queue behind them)."""
@@ -293,6 +296,8 @@ class DigestBatcher:
         self.max_chars = max_chars
         self._pending: list[_DigestRequest] = []
         self._running = 0
+        self.refused = False
+        """The server refused an exec channel (small files are then read back instead)."""
         self.execs = 0
         """Exec channels opened so far (for tests and metrics)."""
 
@@ -389,21 +394,27 @@ class DigestBatcher:
                            timeout: float) -> asyncssh.SSHCompletedProcess:
         self.execs += 1
         try:
-            return await conn.ssh.run(command, stdin=asyncssh.DEVNULL, check=False, timeout=timeout)
+            result = await conn.ssh.run(command, stdin=asyncssh.DEVNULL, check=False, timeout=timeout)
         except asyncssh.ChannelOpenError as e:
+            self.refused = True
             raise DigestUnavailable(f"exec refused: {e.reason}") from None
         except asyncssh.TimeoutError:
             raise DigestUnavailable(f"{name} timed out") from None
+        self.refused = False
+        return result
 
 
 class SftpStore:
     """:class:`~relayd.relay.destinations.base.Store` over one pooled SFTP connection."""
 
     def __init__(self, conn: _Conn, block_size: int, requests: int, digests: DigestBatcher,
-                 size: int = 0, readback_max: int = READBACK_MAX) -> None:
+                 size: int = 0, readback_max: int = READBACK_MAX,
+                 busy: Callable[[], bool] = lambda: False) -> None:
         self._conn = conn
+        self._busy = busy
         self._readback_max = readback_max
         self._digests = digests
+        assert conn.sftp is not None
         self._sftp = conn.sftp
         limit = conn.sftp.limits.max_write_len or MAX_BLOCK
         self._block = max(1, min(block_size, MAX_BLOCK, limit))
@@ -483,9 +494,16 @@ class SftpStore:
         Tries ``openssl dgst -sha256 -r`` first (OpenSSL uses the CPU's SHA extensions: several
         times faster than coreutils), then ``sha256sum``; see :class:`DigestCommands`.
         """
-        if self._size <= self._readback_max:
-            return await self._read_back(path)
-        return await self._digests.sha256(self._conn, path, self._size)
+        if self._size > self._readback_max:
+            return await self._digests.sha256(self._conn, path, self._size)
+        if self._busy() and not self._digests.refused:
+            # Many deliveries at once: one exec hashes dozens of them (one request each
+            # instead of four round trips per file).
+            try:
+                return await self._digests.sha256(self._conn, path, self._size)
+            except DigestUnavailable:
+                pass
+        return await self._read_back(path)
 
     async def _read_back(self, path: str) -> str:
         """SHA-256 of what the server stored, read back over this SFTP session (small files).
@@ -550,11 +568,13 @@ class SftpStore:
 class SftpDestination:
     """Publishes to a remote SFTP server (see the module docstring)."""
 
+    default_port = 22
+
     def __init__(self, config: DestinationConfig) -> None:
         self.name = config.name
         o = config.options
         self.host = str(o["host"])
-        self.port = int(o.get("port") or 22)
+        self.port = int(o.get("port") or self.default_port)
         self.user = str(o["user"])
         self.identity = Path(o["identity"])
         self.known_hosts = Path(o["known_hosts"])
@@ -568,7 +588,10 @@ class SftpDestination:
         streams = int(o.get("streams") or 16)
         self.slots = concurrency * streams
         self.readback_max = READBACK_MAX
-        """Verify files up to this size by reading them back (0: always exec)."""
+        """Verify files up to this size by reading them back (0: always exec), unless at least
+        :data:`BATCH_DIGESTS_FROM` deliveries are in flight: then one exec hashes many at once."""
+        self.active = 0
+        """Deliveries in flight."""
         self.digest = DigestCommands()
         self.digests = DigestBatcher(self.digest, self.connect_timeout, parallel=1)
         self.pool = Pool(self.name, self._connect, concurrency, float(o.get("idle_timeout", 300.0)), streams)
@@ -583,9 +606,10 @@ class SftpDestination:
         final = self.target.final_path(payload)
         context = f"dest={self.name} delivery={payload.delivery_id}"
         try:
+            self.active += 1
             async with self.pool.connection() as conn:
                 store = SftpStore(conn, self.block_size, self.requests, self.digests, payload.size,
-                                  self.readback_max)
+                                  self.readback_max, busy=lambda: self.active >= BATCH_DIGESTS_FROM)
                 outcome = await publish(store, payload, final, verify=self.verify,
                                         on_conflict=self.on_conflict, logger=log, context=context)
         except DestinationError:
@@ -597,6 +621,8 @@ class SftpDestination:
         except Exception as e:  # a bug or an unforeseen library error: log it whole, try again later
             log.exception("%s unexpected error", context)
             raise DestinationError(f"unexpected error: {type(e).__name__}", retryable=True) from e
+        finally:
+            self.active -= 1
         if outcome.note:
             log.warning("%s %s", context, outcome.note)
         log.debug("%s delivered %s (%d bytes sent, resumed from %d, verified %s)", context,
@@ -641,7 +667,7 @@ class SftpDestination:
         except (OSError, asyncssh.Error, asyncio.TimeoutError, EOFError) as e:
             raise DestinationError(f"cannot connect to {self.where}: {_describe(e)}", retryable=True) from None
         try:
-            sftp = await asyncio.wait_for(ssh.start_sftp_client(), self.connect_timeout)
+            sftp = await asyncio.wait_for(self._open_session(ssh), self.connect_timeout)
         except BaseException as e:
             ssh.close()
             if isinstance(e, (OSError, asyncssh.Error, asyncio.TimeoutError, EOFError)):
@@ -650,6 +676,10 @@ class SftpDestination:
             raise
         log.info("dest=%s connected to %s", self.name, self.where)
         return _Conn(ssh, sftp, asyncio.Semaphore(self.requests))
+
+    async def _open_session(self, ssh: asyncssh.SSHClientConnection) -> asyncssh.SFTPClient | None:
+        """The per-connection session this kind needs (an SFTP client; None for kinds without)."""
+        return await ssh.start_sftp_client()
 
 
 async def _settle(tasks: set[asyncio.Task[Any]], when: str) -> set[asyncio.Task[Any]]:
