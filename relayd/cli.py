@@ -205,13 +205,45 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_receipt(args: argparse.Namespace) -> int:
+    from relayd.daemon import journal_path
+    from relayd.journal import Journal
+
+    config = load_config(args.config)
+    journal = Journal.open(journal_path(config), readonly=True)
+    try:
+        delivery = journal.get_delivery(args.delivery_id)
+    finally:
+        journal.close()
+    if delivery is None:
+        print(f"relayd: no delivery with id {args.delivery_id}", file=sys.stderr)
+        return 1
+    if not delivery.receipt:
+        print(f"relayd: delivery {args.delivery_id} has no receipt (state {delivery.state}; only deliveries to "
+              "a relayd destination get one)", file=sys.stderr)
+        return 1
+    if args.output in (None, "-"):
+        sys.stdout.write(delivery.receipt)
+    else:
+        Path(args.output).write_text(delivery.receipt)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from relayd.integrity.admin import verify
+    from relayd.integrity.admin import verify, verify_receipt_file
 
     try:
-        ok, line = verify(Path(args.file), Path(args.manifest) if args.manifest else None,
-                          [Path(k) for k in args.pubkey or ()], Path(args.keys) if args.keys else None,
-                          Path(args.hmac_key_file) if args.hmac_key_file else None)
+        if args.receipt:
+            ok, line = verify_receipt_file(Path(args.receipt), Path(args.file) if args.file else None,
+                                           [Path(k) for k in args.pubkey or ()],
+                                           Path(args.keys) if args.keys else None)
+        elif not args.file:
+            ok, line = False, "FAIL unreadable: give FILE (or --receipt R)"
+        else:
+            ok, line = verify(Path(args.file), Path(args.manifest) if args.manifest else None,
+                              [Path(k) for k in args.pubkey or ()], Path(args.keys) if args.keys else None,
+                              Path(args.hmac_key_file) if args.hmac_key_file else None)
     except Exception as exc:  # noqa: BLE001 - the contract is one line, never a traceback
         ok, line = False, f"FAIL unreadable: unexpected {type(exc).__name__}: {exc}".replace("\n", " ")
     print(line)
@@ -285,12 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hmac-key-file", metavar="F", help="also add an HMAC-SHA256 with this shared key")
     sp = add("verify", "check a file against its signed manifest, offline (no config, no daemon)", _cmd_verify,
              False)
-    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("file", metavar="FILE", nargs="?", help="the file (optional with --receipt)")
     sp.add_argument("--manifest", metavar="M", help="sidecar document (default: FILE.relayd.json)")
+    sp.add_argument("--receipt", metavar="R", help="check a peer's signed receipt instead (and FILE against "
+                    "it, if given); --pubkey/--keys: the receiving gateway's keys")
     group = sp.add_mutually_exclusive_group(required=True)
     group.add_argument("--pubkey", action="append", metavar="K", help="a public key (OpenSSH or PEM); repeatable")
     group.add_argument("--keys", metavar="DIR", help="a directory of public keys (*.pub, *.pem)")
     sp.add_argument("--hmac-key-file", metavar="F", help="also require the HMAC with this shared key")
+    sp = add("receipt", "write the receipt a peer relayd signed for a delivery", _cmd_receipt)
+    sp.add_argument("delivery_id", metavar="DELIVERY_ID")
+    sp.add_argument("-o", "--output", metavar="OUT", help="file to write (default: stdout)")
     sp = add("hash-password", "print an argon2id hash for a user's password_hash", _cmd_hash_password, False)
     sp.add_argument("--stdin", action="store_true", help="read the password from standard input")
     sp = add("init-demo", "write a demo config with generated keys", _cmd_init_demo, False)

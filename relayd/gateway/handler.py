@@ -29,6 +29,8 @@ from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 from relayd.gateway.checksum import (ADVERTISED, CheckFileReply, ChecksumCommand, CommandRefused, check_file,
                                      parse_checksum_command, run_checksum)
 from relayd.gateway.scp import is_scp_command, run_scp
+from relayd.gateway.peer import serve_peer
+from relayd.peerproto import SUBSYSTEM as PEER_SUBSYSTEM
 from relayd.gateway.sftp import MAX_READ, TenantSFTPServer
 
 __all__ = ["RelaydSFTPHandler", "SFTPOnlySession"]
@@ -174,7 +176,8 @@ class SFTPOnlySession(SSHServerStreamSession):
     commands (nothing else)."""
 
     def __init__(self, make_server: Callable[[asyncssh.SSHServerChannel], TenantSFTPServer],
-                 max_handles: int, conn_id: str, on_close: Callable[[], None], user: str = ""):
+                 max_handles: int, conn_id: str, on_close: Callable[[], None], user: str = "",
+                 peer: bool = False):
         super().__init__(None, make_server, SFTP_VERSION, False)  # type: ignore[arg-type]
         self._make_server = make_server
         self._max_handles = max_handles
@@ -182,6 +185,8 @@ class SFTPOnlySession(SSHServerStreamSession):
         self._who = f"conn={conn_id} user={user}" if user else f"conn={conn_id}"
         self._on_close = on_close
         self._checksum: ChecksumCommand | None = None
+        self._peer_allowed = peer
+        self._peer = False
 
     def pty_requested(self, *args: Any) -> bool:
         return False
@@ -205,6 +210,13 @@ class SFTPOnlySession(SSHServerStreamSession):
     def subsystem_requested(self, subsystem: str) -> bool:
         if subsystem == "sftp":
             return True
+        if subsystem == PEER_SUBSYSTEM:
+            if self._peer_allowed:
+                self._peer = True
+                log.info("peer session %s", self._who)
+                return True
+            log.warning("refused: peer subsystem without the peer permission %s", self._who)
+            return False
         log.warning("refused: subsystem %r conn=%s", subsystem[:100], self._conn_id)
         return False
 
@@ -217,6 +229,10 @@ class SFTPOnlySession(SSHServerStreamSession):
         writer: SSHWriter[bytes] = SSHWriter(self, chan)
         server = self._make_server(cast(asyncssh.SSHServerChannel[bytes], chan))
         command = chan.get_command()
+        if self._peer:
+            self._conn.create_task(serve_peer(server, reader, writer, cast(asyncssh.SSHServerChannel[bytes], chan)),
+                                   reader.logger)
+            return
         if self._checksum is not None:
             self._conn.create_task(run_checksum(server, self._checksum, cast(asyncssh.SSHServerChannel[bytes], chan)),
                                    reader.logger)

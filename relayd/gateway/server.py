@@ -221,7 +221,8 @@ class GatewayConnection(asyncssh.SSHServer):
             return server
 
         return SFTPOnlySession(make_server,
-                               self.config.gateway.max_handles_per_session, self.conn_id, release, user=user.name)
+                               self.config.gateway.max_handles_per_session, self.conn_id, release, user=user.name,
+                               peer="peer" in user.permissions)
 
     def idle_for(self, now: float) -> float:
         """Seconds since the last SFTP request (0 while an upload is open)."""

@@ -32,7 +32,7 @@ from relayd.gateway.context import GatewayContext, Identity
 from relayd.gateway.paths import PathRefused, normalize, to_virtual
 from relayd.gateway.quota import QuotaExceeded
 from relayd.integrity.manifest import new_hashers
-from relayd.journal import JournalError
+from relayd.journal import JournalError, Transfer
 from relayd.spool import CommitRequest, fsync_dir
 
 __all__ = ["TenantSFTPServer", "ReadHandle", "WriteHandle"]
@@ -381,7 +381,7 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         if dst is not None and (dst.st_dev, dst.st_ino) != (st.st_dev, st.st_ino):
             self.usage.release(dst.st_size, 1)
 
-    async def _commit(self, req: CommitRequest) -> None:
+    async def _commit(self, req: CommitRequest) -> Transfer:
         # Routes come from the current config (a reload applies to the relay at once).
         tenant = self.ctx.config.tenants.get(self.tenant.name, self.tenant)
         req = dataclasses.replace(req, destinations=tenant.destinations_for(req.path))
@@ -395,6 +395,7 @@ class TenantSFTPServer(asyncssh.SFTPServer):
                  transfer.id)
         if req.destinations and self.ctx.on_commit is not None:
             self.ctx.on_commit()
+        return transfer
 
     # -- files: open, read, write, close -------------------------------------------------------
 
@@ -572,12 +573,43 @@ class TenantSFTPServer(asyncssh.SFTPServer):
         except BaseException:
             self._discard(h)
             raise
+        self._closed(h, old)
+
+    def _closed(self, h: WriteHandle, old: os.stat_result | None) -> None:
+        """Bookkeeping after a committed (or published) upload handle."""
         h.done = True
         self.handles.discard(h)
         self.ctx.uploads.discard(h)
         os.close(h.fd)
         if old is not None:
             self.usage.release(old.st_size, 1 if h.counted_file else 0)
+
+    async def commit_upload(self, h: WriteHandle, expect_size: int, expect_sha256: str,
+                            origin: tuple[str, str, int | None] | None = None) -> Transfer:
+        """Commit ``h`` now if it holds exactly ``expect_size`` bytes with ``expect_sha256``
+        (the peer receiver's close, whatever the tenant's commit mode); otherwise discard it and
+        raise ValueError. Written sequentially, the handle's running SHA-256 covers it all."""
+        if h.failed:
+            self._discard(h)
+            raise asyncssh.SFTPFailure(h.failed)
+        sha = h.hasher.hexdigest() if h.sequential and h.hashed == h.extent else None
+        if h.extent != expect_size or sha != expect_sha256:
+            self._discard(h)
+            raise ValueError(f"rebuilt file has size {h.extent} and sha256 {sha}, the manifest says "
+                             f"{expect_size} and {expect_sha256}")
+        old = self._lstat_or_none(h.target)
+        if old is not None and not stat.S_ISREG(old.st_mode):
+            raise self._fail(h, "Target is no longer a regular file")
+        try:
+            transfer = await self._commit(CommitRequest(
+                tenant=self.tenant.name, user=self.ident.user.name, source=self.ident.remote,
+                path=h.vpath, src=h.staging, publish_to=h.target, size=h.extent, sha256=sha, fd=h.fd,
+                digests={n: x.hexdigest() for n, x in h.extra.items()}, origin=origin))
+        except BaseException:
+            self._discard(h)
+            raise
+        self._closed(h, old)
+        return transfer
 
     async def _publish_temp(self, h: WriteHandle, sha: str | None) -> None:
         """``commit: rename``: a temp-named upload becomes visible but is not committed yet."""

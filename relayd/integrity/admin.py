@@ -185,3 +185,37 @@ def verify(file: Path, manifest: Path | None = None, pubkeys: Sequence[Path] = (
     except OSError as e:
         return _fail("unreadable", f"file {file}: {e.strerror or e}")
     return True, f"OK {_one_line(str(doc['transfer_id']))} {sha256}"
+
+
+def verify_receipt_file(receipt: Path, file: Path | None = None, pubkeys: Sequence[Path] = (),
+                        keys_dir: Path | None = None) -> tuple[bool, str]:
+    """Check a peer's receipt (and ``file`` against its size and SHA-256 when given).
+
+    Same one-line contract as :func:`verify`: ``OK <receiver transfer id> <sha256>`` or ``FAIL ...``.
+    """
+    from relayd.integrity.manifest import file_digests
+    from relayd.integrity.receipt import verify_receipt
+
+    try:
+        data = _read_sidecar(Path(receipt))
+    except VerifyError as e:
+        return _fail(e.reason, e.detail)
+    except OSError as e:
+        return _fail("unreadable", f"receipt {receipt}: {e.strerror or e}")
+    try:
+        keys = _load_keys(pubkeys, keys_dir)
+    except SigningKeyError as e:
+        return _fail("unreadable", str(e))
+    try:
+        doc = verify_receipt(data, keys)
+    except VerifyError as e:
+        return _fail(e.reason, e.detail or e.reason)
+    if file is not None:
+        try:
+            size, digests = file_digests(Path(file), ["sha256"])
+        except OSError as e:
+            return _fail("unreadable", f"file {file}: {e.strerror or e}")
+        if size != doc.get("size") or digests["sha256"] != doc.get("sha256"):
+            return _fail("digest mismatch", f"{file} has size {size} and sha256 {digests['sha256']}, the receipt "
+                         f"says {doc.get('size')} and {doc.get('sha256')}")
+    return True, f"OK {_one_line(str(doc['transfer_id']))} {_one_line(str(doc['sha256']))}"

@@ -35,7 +35,7 @@ from relayd.integrity.keys import KeyRing, verify_signature
 
 __all__ = ["MANIFEST_VERSION", "EXTRA_DIGESTS", "SIDECAR_SUFFIX", "Signed", "VerifyError", "canonical",
            "build_manifest", "sign_manifest", "sidecar_bytes", "parse_sidecar", "verify_document",
-           "verify_file", "file_digests", "new_hashers", "hmac_hex", "read_hmac_key"]
+           "verify_file", "file_digests", "parse_json_document", "new_hashers", "hmac_hex", "read_hmac_key"]
 
 MANIFEST_VERSION = 1
 SIDECAR_SUFFIX = ".relayd.json"
@@ -124,16 +124,22 @@ def sidecar_bytes(signed: Signed, hmac_key: bytes | None = None) -> bytes:
 
 def parse_sidecar(data: bytes) -> tuple[dict[str, Any], bytes, bytes, dict[str, Any]]:
     """``(manifest, canonical body, signature, whole document)`` from sidecar bytes."""
+    manifest, body, signature = parse_json_document(data, "manifest")
+    return manifest, body, signature, json.loads(data)
+
+
+def parse_json_document(data: bytes, field: str) -> tuple[dict[str, Any], bytes, bytes]:
+    """``(object, its canonical bytes, signature)`` of a signed document ``{field: {...}, "signature"}``."""
     try:
         doc = json.loads(data)
-        manifest = doc["manifest"]
+        obj = doc[field]
         signature = base64.b64decode(doc["signature"], validate=True)
-        if not isinstance(manifest, dict):
-            raise TypeError("manifest is not an object")
-        body = canonical(manifest)
+        if not isinstance(obj, dict):
+            raise TypeError(f"{field} is not an object")
+        body = canonical(obj)
     except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as e:
         raise VerifyError("malformed manifest", f"{type(e).__name__}: {e}") from None
-    return manifest, body, signature, doc
+    return obj, body, signature
 
 
 def verify_document(data: bytes, public_keys: Mapping[str, Ed25519PublicKey],

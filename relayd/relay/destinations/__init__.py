@@ -10,7 +10,7 @@ config ``type``, and one module per kind. Importing this package registers the b
 
 from relayd.relay.destinations.base import (Destination, DestinationError, Outcome, Payload, create_destination,
                                             register, registered_kinds)
-from relayd.relay.destinations import local, sftp  # noqa: F401  (registers the kinds)
+from relayd.relay.destinations import local, peer, sftp  # noqa: F401  (registers the kinds)
 
 __all__ = ["Destination", "DestinationError", "Outcome", "Payload", "create_destination", "register",
            "registered_kinds"]
