@@ -186,11 +186,12 @@ class _Receiver:
         await self._ensure_parents(parts)
         basis_size, sig = await self._signature(parts, vpath, bool(offer.get("delta")))
         try:
-            self.handle = h = await server.open(vpath.encode(), FXF_WRITE | FXF_CREAT | FXF_TRUNC, SFTPAttrs())
+            opened = await server.open(vpath.encode(), FXF_WRITE | FXF_CREAT | FXF_TRUNC, SFTPAttrs())
         except asyncssh.SFTPError as e:
             code = ErrorCode.QUOTA if "quota" in e.reason.lower() else ErrorCode.FORBIDDEN
             raise PeerProtocolError(code, e.reason, retryable=code == ErrorCode.QUOTA) from None
-        assert isinstance(h, WriteHandle)
+        assert isinstance(opened, WriteHandle)
+        self.handle = h = opened
         if sig is None:
             await self.send(encode_json(Frame.ACCEPT, {"mode": "full"}))
         else:
