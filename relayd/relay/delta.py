@@ -20,7 +20,7 @@ Signature (all integers little-endian)::
 
     header   "RDSG" | version u8 (=1) | weak_len u8 (3..4) | strong_len u8 (2..16) | reserved u8 (=0)
              | block_size u32 (512 .. 1 MiB) | basis_size u64 | seed u64                (28 bytes)
-    weak     nblocks x weak_len bytes       nblocks = ceil(basis_size / block_size) <= 2**24
+    weak     nblocks x weak_len bytes       nblocks = ceil(basis_size / block_size) <= 2**23
     strong   nblocks x strong_len bytes
 
 Ops stream: a sequence of frames, each a payload of at most 4 MiB - 16 bytes::
@@ -32,11 +32,11 @@ Ops stream: a sequence of frames, each a payload of at most 4 MiB - 16 bytes::
              varint(count << 1 | 1) | zigzag varint(index - expected)    Copy, count >= 1
 
 ``expected`` is the block after the previous Copy of the same frame (0 at a frame's start), so an
-in-order copy costs 2 bytes. Varints are LEB128 (< 2**63). ``Copy(index, count)`` means basis bytes
+in-order copy of up to 63 blocks costs 2 bytes. Varints are LEB128 (< 2**63). ``Copy(index, count)`` means basis bytes
 ``[index*B, min((index+count)*B, basis_size))``.
 
 Matching is rsync's greedy algorithm: after a match of block ``j`` the block ``j+1`` is tried at
-the following position first (one hash); otherwise the weak sums of every offset of a search
+the following position first (one hash, strong sum only); otherwise the weak sums of every offset of a search
 window are computed at once (prefix sums), filtered through a small table, a bitmap and the
 sorted weak sums, and the candidates confirmed with the strong sum in offset order: the lowest
 offset wins. The basis's short last block is matched only at the very end of the new file.
@@ -63,7 +63,7 @@ __all__ = [
 
 MIN_BLOCK = 512
 MAX_BLOCK = 1 << 20
-MAX_NBLOCKS = 1 << 24
+MAX_NBLOCKS = 1 << 23                   # 1 TiB in 128 KiB blocks; bounds a sender's memory
 MAX_FRAME = 4 * 1024 * 1024 - 16        # a frame payload, flag byte included
 MAX_BODY = MAX_FRAME - 1                # a frame body, before compression
 MAX_INDEX = 1 << 40                     # copies beyond this block index are malformed
@@ -158,15 +158,17 @@ def choose_block_size(size: int, history: int | None) -> int:
 
     ``history`` is the number of changed regions (literal runs) of the previous delta of this path;
     given, the size minimising signature + literal bytes for that many regions is used:
-    sqrt(size * bytes-per-entry / regions), i.e. smaller blocks for scattered edits.
+    sqrt(size * bytes-per-entry / regions), i.e. smaller blocks for scattered edits. Bases over
+    1 TiB get larger blocks (up to 1 MiB), to stay within :data:`MAX_NBLOCKS`.
     """
     size = max(size, 0)
     if history is None:
         b = math.isqrt(size)
     else:
         b = math.isqrt(size * _ENTRY_BYTES // max(history, 1))
-    b = (b + 512) // 1024 * 1024
-    return min(max(b, 2048), 128 * 1024)
+    b = min(max((b + 512) // 1024 * 1024, 2048), 128 * 1024)
+    least = -(-size // MAX_NBLOCKS)
+    return b if b >= least else min(-(-least // 1024) * 1024, MAX_BLOCK)
 
 
 def _checksum_lengths(basis_size: int, block_size: int) -> tuple[int, int]:
@@ -224,6 +226,7 @@ def signature(fd: int, size: int, block_size: int, seed: int) -> Signature:
     """Block signature of the first ``size`` bytes of ``fd`` (the basis), read in 4 MiB chunks.
 
     ``seed`` (0 <= seed < 2**64) seeds the strong hash: pick it at random per transfer.
+    ValueError for arguments out of range, DeltaError if the file is shorter than ``size``.
     """
     if not MIN_BLOCK <= block_size <= MAX_BLOCK or not 0 <= seed < 1 << 64 or size < 0:
         raise ValueError("block size, seed or size out of range")
@@ -319,7 +322,7 @@ class _Reader:
 
 
 class _Index:
-    """The sender's view of a signature: filters, sorted weak sums, strong-sum dictionary, buffers."""
+    """The sender's view of a signature: filters, blocks by weak sum, buffers (~30 bytes a block)."""
 
     def __init__(self, sig: Signature) -> None:
         sig.check()
@@ -327,19 +330,17 @@ class _Index:
         self.nfull = sig.basis_size // b
         self.short = sig.basis_size - self.nfull * b    # length of a short last block, or 0
         self.wl = wl = sig.weak_len
-        n, k = sig.nblocks, sig.weak_len + sig.strong_len
-        rows = np.empty((n, k), np.uint8)
-        rows[:, :wl] = sig.weak.astype("<u4").view(np.uint8).reshape(n, 4)[:, :wl]
-        rows[:, wl:] = sig.strong
-        flat = rows.tobytes()
-        self.keys = [flat[i:i + k] for i in range(0, n * k, k)]     # weak + strong, per block
-        self.strong = [key[wl:] for key in self.keys]
-        full = self.keys[:self.nfull]
-        self.lookup = dict(zip(reversed(full), range(self.nfull - 1, -1, -1)))  # lowest index wins
+        self.sl = sig.strong_len
+        self.strong = sig.strong
+        self.strong_flat = np.ascontiguousarray(sig.strong).tobytes()
+        # The full blocks sorted by weak sum, then index: those of weak sum uniq[u] are
+        # order[first[u]:first[u + 1]], lowest index first.
+        self.order = np.argsort(sig.weak[:self.nfull], kind="stable").astype(np.uint32)
+        self.uniq, first = np.unique(sig.weak[self.order], return_index=True)
+        self.first = np.append(first, self.nfull).astype(np.uint32)
         # Filters over the 32-bit hashes h of every offset: a table small enough for the L2 cache,
         # then a 2**24-bit map (exact for 3-byte weak sums), then the sorted weak sums.
-        self.sorted_weak = np.unique(sig.weak[:self.nfull])
-        h = self.sorted_weak.astype(np.uint32) << np.uint32(32 - 8 * wl)
+        h = self.uniq.astype(np.uint32) << np.uint32(32 - 8 * wl)
         bits = min(max(self.nfull.bit_length() + 4, 16), 20)
         self.table = np.zeros(1 << bits, np.bool_)
         self.table[h >> np.uint32(32 - bits)] = True
@@ -370,8 +371,10 @@ class _Sender:
         self.lit = 0                    # start of the pending literal
         self.run_index = self.run_count = 0
         self.c_lo = self.c_hi = 0       # offsets whose weak sums were computed ...
-        self.c_off: list[int] = []      # ... and their candidates: offset, weak sum
-        self.c_weak: list[int] = []
+        self.c_off: list[int] = []      # ... and their candidates (see weak_candidates)
+        self.c_head: list[int] = []
+        self.c_count: list[int] = []
+        self.c_start: list[int] = []
         self.ci = 0
         self.step = 0
 
@@ -385,7 +388,9 @@ class _Sender:
         """
         ix, rd, b = self.ix, self.reader, self.ix.block
         offs: list[int] = []
-        weaks: list[int] = []
+        heads: list[int] = []                   # per candidate: its first block of that weak sum,
+        counts: list[int] = []                  # how many blocks share the weak sum,
+        starts: list[int] = []                  # where they start in ix.order
         for s in range(lo, hi, _SUB):
             n = min(s + _SUB, hi) - s
             m = n + b - 1
@@ -408,21 +413,36 @@ class _Sender:
             t24 = (dc >> np.uint64(40)).astype(np.uint32)
             keep = ((ix.bitmap[t24 >> 3] >> (t24 & 7).astype(np.uint8)) & 1).view(np.bool_)
             cand, w = cand[keep], (dc[keep] >> ix.wshift).astype(np.uint32)
-            if ix.wl == 4 and cand.size:
-                pos = np.searchsorted(ix.sorted_weak, w)
-                np.minimum(pos, len(ix.sorted_weak) - 1, out=pos)
-                ok = ix.sorted_weak[pos] == w
-                cand, w = cand[ok], w[ok]
+            if not cand.size:
+                continue
+            u = np.searchsorted(ix.uniq, w)
+            np.minimum(u, len(ix.uniq) - 1, out=u)
+            ok = ix.uniq[u] == w
+            cand, u = cand[ok], u[ok]
+            start = ix.first[u]
             offs.extend((cand + s).tolist())
-            weaks.extend(w.tolist())
-        self.c_lo, self.c_hi, self.c_off, self.c_weak, self.ci = lo, hi, offs, weaks, 0
+            heads.extend(ix.order[start].tolist())
+            counts.extend((ix.first[u + 1] - start).tolist())
+            starts.extend(start.tolist())
+        self.c_lo, self.c_hi, self.c_off, self.ci = lo, hi, offs, 0
+        self.c_head, self.c_count, self.c_start = heads, counts, starts
+
+    def pick(self, start: int, count: int, strong: bytes, want: int) -> int:
+        """Among ``count`` blocks of equal weak sum (from ``start`` in ``order``), the one with this
+        strong sum: ``want`` if it is one, else the lowest; -1 if none."""
+        ix = self.ix
+        idx = ix.order[start:start + count]
+        same = idx[(ix.strong[idx] == np.frombuffer(strong, np.uint8)).all(axis=1)]
+        if not same.size:
+            return -1
+        return want if want in same else int(same[0])
 
     def search(self, p: int) -> Iterator[Literal | Copy | tuple[int, int]]:
         """Yield literal flushes, then (q, block) of the lowest match at q >= p, or (-1, -1)."""
         ix = self.ix
         max_q = self.size - ix.block
-        blk, wl, keys, lookup = ix.block, ix.wl, ix.keys, ix.lookup
-        digest, seed, length = xxhash.xxh3_128_digest, self.sig.seed, self.sig.strong_len
+        blk, sl, strong_flat = ix.block, ix.sl, ix.strong_flat
+        digest, seed = xxhash.xxh3_128_digest, self.sig.seed
         want = self.run_index + self.run_count if self.run_count else 0
         if want >= ix.nfull:
             want = 0
@@ -435,8 +455,8 @@ class _Sender:
                 hi = min(p + self.step, max_q + 1)
                 self.reader.ensure(min(self.lit, p), hi - 1 + ix.block)
                 self.weak_candidates(p, hi)
-            # Confirm the candidates in offset order: weak + strong sum in the dictionary.
-            offs, weaks, rd = self.c_off, self.c_weak, self.reader
+            # Confirm the candidates (weak sum in the signature) in offset order with the strong sum.
+            offs, heads, counts, rd = self.c_off, self.c_head, self.c_count, self.reader
             ci = bisect_left(offs, p, self.ci)
             while ci < len(offs):
                 q = offs[ci]
@@ -444,8 +464,12 @@ class _Sender:
                 if q < rd.base or q + blk > rd.end:
                     rd.ensure(min(self.lit, q), q + blk)
                 at = q - rd.base
-                key = weaks[ci - 1].to_bytes(wl, "little") + digest(rd.mv[at:at + blk], seed=seed)[:length]
-                j = want if keys[want] == key else lookup.get(key, -1)
+                s = digest(rd.mv[at:at + blk], seed=seed)[:sl]
+                j = heads[ci - 1]
+                if counts[ci - 1] > 1:
+                    j = self.pick(self.c_start[ci - 1], counts[ci - 1], s, want)
+                elif strong_flat[j * sl:j * sl + sl] != s:
+                    j = -1
                 if j >= 0:
                     self.ci = ci
                     yield (q, j)
@@ -487,13 +511,14 @@ class _Sender:
         ix, rd, sig = self.ix, self.reader, self.sig
         rd.ensure(min(self.lit, q), self.size)
         at = q - rd.base
-        if xxhash.xxh3_128_digest(rd.mv[at:at + ix.short], seed=sig.seed)[:sig.strong_len] != ix.strong[ix.nfull]:
+        s = xxhash.xxh3_128_digest(rd.mv[at:at + ix.short], seed=sig.seed)[:ix.sl]
+        if s != ix.strong_flat[ix.nfull * ix.sl:(ix.nfull + 1) * ix.sl]:
             return False
         return _hash1(rd.arr[at:at + ix.short]) >> (32 - 8 * ix.wl) == int(sig.weak[ix.nfull])
 
     def run(self) -> Iterator[Literal | Copy]:
         ix, rd, size, b = self.ix, self.reader, self.size, self.ix.block
-        strong, nfull, seed, length = ix.strong, ix.nfull, self.sig.seed, self.sig.strong_len
+        strong, nfull, seed, sl = ix.strong_flat, ix.nfull, self.sig.seed, ix.sl
         digest = xxhash.xxh3_128_digest
         max_q = size - b
         p = 0
@@ -504,7 +529,7 @@ class _Sender:
                     if p + b > rd.end:
                         rd.ensure(p, p + b)
                     at = p - rd.base
-                    if digest(rd.mv[at:at + b], seed=seed)[:length] != strong[e]:
+                    if digest(rd.mv[at:at + b], seed=seed)[:sl] != strong[e * sl:e * sl + sl]:
                         break
                     self.run_count += 1
                     self.stats.copied_bytes += b
