@@ -78,15 +78,15 @@ class PeakRss(threading.Thread):
         super().__init__(daemon=True)
         self.pids = pids
         self.peak = {p: _rss_kib(p) for p in pids}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(0.02):
+        while not self._halt.wait(0.02):
             for p in self.pids:
                 self.peak[p] = max(self.peak[p], _rss_kib(p))
 
     def stop(self) -> dict[int, int]:
-        self._stop.set()
+        self._halt.set()
         self.join(2)
         return self.peak
 
@@ -238,7 +238,7 @@ class Env:
     def rsync(self, local: Path, name: str) -> dict[str, Any]:
         """rsync ``local`` over ssh onto ``rsync_root/name`` (which holds the basis); its figures."""
         t0 = time.perf_counter()
-        r = subprocess.run(["rsync", "--no-whole-file", "--stats", "-e", self.rsync_opts, str(local),
+        r = subprocess.run(["rsync", "--ignore-times", "--no-whole-file", "--stats", "-e", self.rsync_opts, str(local),
                             f"{self.rsync_target}:{self.rsync_root / name}"],
                            capture_output=True, text=True, timeout=3600)
         secs = time.perf_counter() - t0
