@@ -16,6 +16,8 @@ PERMISSIONS = frozenset({"list", "download", "upload", "overwrite", "delete", "r
 DEFAULT_PERMISSIONS = frozenset({"upload", "list", "mkdir"})
 DEFAULT_TEMP_PATTERNS = ("*.tmp", "*.part", "*.filepart")
 COMMIT_MODES = ("close", "rename")
+DEFAULT_DROP_TEMP_PATTERNS = (".*", "*.tmp", "*.part", "*.filepart")
+"""Names a drop folder ignores until they are renamed (``dropfolders[].temp_patterns``)."""
 DESTINATION_TYPES = ("local", "sftp", "relayd")
 
 # Modern algorithms only, in the spirit of OpenSSH's current defaults: no SHA-1, no CBC,
@@ -119,6 +121,12 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "integrity.digests": _K("list of strings", [], "Digests added to sha256 in every manifest: sha3-256, "
                             "blake2b (computed while receiving)."),
 
+    "metrics": _K("mapping", {}, "The Prometheus endpoint (text format over HTTP, no auth: keep it on "
+                  "loopback or a management network)."),
+    "metrics.enabled": _K("boolean", True, "Serve metrics; false: no HTTP listener at all."),
+    "metrics.listen": _K("HOST:PORT", "127.0.0.1:9464", "Address of the metrics endpoint; a change needs a "
+                         "restart."),
+
     "gateway": _K("mapping", {}, "The SSH/SFTP front door."),
     "gateway.listen": _K("list of HOST:PORT", ["0.0.0.0:2222"], "Addresses to listen on: IPv4, [IPv6] "
                          "or a host name; '*' or an empty host means all IPv4 addresses."),
@@ -187,6 +195,30 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "tenants.<name>.routes[].to": _K("list of destination names", REQUIRED, "Destinations that receive the "
                                      "matching files."),
 
+    # Drop folders: the keys of a list item have no registry default (not set → the value named in
+    # the description) because an item is never valid without its required path and tenant.
+    "dropfolders": _K("list of mappings", [], "Local or mounted folders whose settled files are committed into a "
+                      "tenant's inbox like uploads (docs/dropfolders.md)."),
+    "dropfolders[].path": _K("path", REQUIRED, "The folder to watch; relayd serve refuses to start (exit 2) "
+                             "when it does not exist."),
+    "dropfolders[].tenant": _K("tenant name", REQUIRED, "Tenant whose inbox, quota and routes the files get."),
+    "dropfolders[].pattern": _K("glob", None, "Files to take, matched against the path inside the folder with "
+                                "the route glob syntax; not set: ** (every file)."),
+    "dropfolders[].recursive": _K("boolean", None, "Also watch subfolders (files keep their relative path); "
+                                  "not set: false."),
+    "dropfolders[].settle": _K("duration", None, "A file is taken once its size and mtime stayed unchanged "
+                               "this long, or 0.5s (at most settle) after a close-after-write with no change "
+                               "since; not set: 5s."),
+    "dropfolders[].after": _K("delete | keep | move:DIR", None, "What happens to the original once its commit "
+                              "is durable: deleted, kept (taken again only when changed) or moved under DIR "
+                              "(outside the folder, or in a folder temp_patterns exclude); not set: delete."),
+    "dropfolders[].temp_patterns": _K("list of globs", None, "File and folder names ignored (until renamed); "
+                                      "not set: [.*, *.tmp, *.part, *.filepart]."),
+    "dropfolders[].into": _K("string", None, "Folder of the tenant's inbox the files land in, under their "
+                             "path inside the drop folder; not set: /."),
+    "dropfolders[].rescan": _K("duration", None, "Interval of the full rescan that catches what events miss "
+                               "(overload, network mounts); not set: 60s."),
+
     "destinations": _K("mapping", {}, "Delivery targets by name, used by routes."),
     "destinations.<name>": _K("mapping", {}, "One delivery target (name: letters, digits, '.', '_', '-')."),
     "destinations.<name>.type": _K("local | sftp | relayd", REQUIRED, "Kind of destination."),
@@ -234,6 +266,11 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "destinations.<name>.streams": _K("integer >= 1", 16, "Deliveries that share one connection at a time, so "
                                       "small files go out many at once (in flight: concurrency x streams).",
                                       ("sftp",)),
+    "destinations.<name>.bulk_client": _K("auto | openssh | asyncssh", "auto", "Who writes large files: the "
+                                          "OpenSSH sftp client (several times faster; same key and pinned host "
+                                          "key) or asyncssh. auto: OpenSSH when installed.", ("sftp",)),
+    "destinations.<name>.bulk_min_size": _K("size > 0", "16MiB", "Files from this size go through bulk_client.",
+                                            ("sftp",)),
 })
 
 #: One line per key: ``type; default ...; meaning``. Rendered from :data:`KEYS`.

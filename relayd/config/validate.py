@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from types import MappingProxyType
@@ -10,9 +11,10 @@ from typing import Any, Callable, Mapping
 
 from relayd.config.checker import _NAME_RE, _NAME_RULE, _Checker, _did_you_mean, _join, _Node
 from relayd.config.model import (
-    AlgorithmsConfig, Config, DestinationConfig, GatewayConfig, IntegrityConfig, NodeConfig, QuotaConfig, RouteConfig,
-    TenantConfig, UserConfig,
+    AlgorithmsConfig, Config, DestinationConfig, DropFolderConfig, GatewayConfig, IntegrityConfig, NodeConfig,
+    QuotaConfig, RouteConfig, TenantConfig, UserConfig,
 )
+from relayd.config.model import MetricsConfig
 from relayd.config.schema import (
     COMMIT_MODES, EXTRA_DIGEST_NAMES, DEFAULT_PERMISSIONS, DEFAULT_TEMP_PATTERNS, DESTINATION_TYPES, KEYS, PERMISSIONS, REQUIRED,
     _section_keys,
@@ -128,6 +130,30 @@ def _parse_node(ck: _Checker, raw: _Node) -> NodeConfig:
                 ck.err(f"node.{key}", f"cannot access {p}: {exc}")
         dirs[key] = p or getattr(default, key)
     return NodeConfig(id=ck.name("node.id", raw.get("id")) or default.id, **dirs)
+
+
+def _parse_metrics(ck: _Checker, raw: _Node, gateway: GatewayConfig) -> MetricsConfig:
+    d = MetricsConfig()
+    raw = ck.mapping("metrics", raw, "metrics")
+    if not raw:
+        return d
+    enabled = bool(ck.boolean("metrics.enabled", raw.get("enabled"), d.enabled))
+    listen = d.listen
+    value = raw.get("listen")
+    if value is not None:
+        if not isinstance(value, str):
+            ck.err("metrics.listen", f"expected HOST:PORT such as 127.0.0.1:9464, got {_kind(value)}")
+        else:
+            try:
+                listen = _parse_host_port(value)
+            except ValueError as exc:
+                ck.err("metrics.listen", f"{exc}; expected HOST:PORT such as 127.0.0.1:9464 or [::1]:9464")
+                return d
+    wildcard = ("0.0.0.0", "::")
+    if enabled and any(port == listen[1] and (host == listen[0] or host in wildcard or listen[0] in wildcard)
+                       for host, port in gateway.listen):
+        ck.err("metrics.listen", f"{listen[0]}:{listen[1]} collides with an address in gateway.listen")
+    return MetricsConfig(enabled=enabled, listen=listen)
 
 
 def _parse_integrity(ck: _Checker, raw: _Node) -> IntegrityConfig:
@@ -430,6 +456,8 @@ _DEST_CONVERTERS: dict[str, _DestConvert] = {
     "block_size": lambda ck, p, v: ck.size(p, v, None),
     "requests": lambda ck, p, v: ck.integer(p, v, None, 1),
     "streams": lambda ck, p, v: ck.integer(p, v, None, 1),
+    "bulk_client": lambda ck, p, v: _choice(ck, p, v, ("auto", "openssh", "asyncssh")),
+    "bulk_min_size": lambda ck, p, v: ck.size(p, v, None),
 }
 
 
@@ -463,6 +491,100 @@ def _parse_destination(ck: _Checker, name: str, raw: _Node) -> DestinationConfig
         # A local target folder, like every local path in the config, is relative to the config file.
         options["path"] = str(ck.base_dir / options["path"])
     return DestinationConfig(name=name, type=dtype, options=MappingProxyType(options))
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True if normalized absolute ``path`` is ``folder`` or below it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _parse_dropfolder(ck: _Checker, path: str, raw: _Node, tenants: Mapping[str, Any]) -> DropFolderConfig | None:
+    """One ``dropfolders[]`` item (existence of the folders is checked when relayd serve starts)."""
+    raw = ck.mapping(path, raw, "dropfolders[]")
+    if raw is None:
+        return None
+    folder = ck.path(_join(path, "path"), raw.get("path"))
+    tenant = ck.name(_join(path, "tenant"), raw.get("tenant"))
+    if tenant is not None and tenant not in tenants:
+        ck.err(_join(path, "tenant"), f"unknown tenant {tenant!r}" + (
+            f"{_did_you_mean(tenant, set(tenants))} (defined: {', '.join(sorted(tenants))})"
+            if tenants else " (no tenants are defined)"))
+        tenant = None
+    d = DropFolderConfig(path=Path("/"), tenant="")
+    pattern = ck.string(_join(path, "pattern"), raw.get("pattern"), d.pattern)
+    try:
+        glob_to_regex(pattern)
+    except ValueError as exc:
+        ck.err(_join(path, "pattern"), f"invalid glob {pattern!r}: {exc}")
+    temp_patterns = d.temp_patterns
+    if raw.get("temp_patterns") is not None:
+        pats = []
+        for ipath, pat in ck.str_items(_join(path, "temp_patterns"), raw.get("temp_patterns")):
+            if "/" in pat:
+                ck.err(ipath, f"temp patterns match a file or folder name, not a path; drop the '/' in {pat!r}")
+            else:
+                pats.append(pat)
+        temp_patterns = tuple(pats)
+    after, move_to = d.after, None
+    value = raw.get("after")
+    if value is not None:
+        if isinstance(value, str) and value in ("delete", "keep"):
+            after = value
+        elif isinstance(value, str) and value.startswith("move:") and value[5:].strip():
+            after, move_to = "move", ck.path(_join(path, "after"), value[5:].strip())
+        else:
+            ck.err(_join(path, "after"), f"must be delete, keep or move:DIR, got {_kind(value)}")
+    into = ck.string(_join(path, "into"), raw.get("into"), d.into)
+    parts = [c for c in into.split("/") if c not in ("", ".")]
+    if ".." in parts or any(ord(ch) < 32 for ch in into):
+        ck.err(_join(path, "into"), f"must be a folder inside the tenant's inbox (no '..', no control "
+               f"characters), got {into!r}")
+        parts = []
+    if folder is None or tenant is None:
+        return None
+    drop = DropFolderConfig(
+        path=Path(os.path.normpath(folder)), tenant=tenant, pattern=pattern,
+        recursive=bool(ck.boolean(_join(path, "recursive"), raw.get("recursive"), d.recursive)),
+        settle=ck.duration(_join(path, "settle"), raw.get("settle"), d.settle, positive=True),
+        after=after, move_to=Path(os.path.normpath(move_to)) if move_to is not None else None,
+        temp_patterns=temp_patterns, into="/" + "/".join(parts),
+        rescan=ck.duration(_join(path, "rescan"), raw.get("rescan"), d.rescan, positive=True))
+    if drop.move_to is not None and _inside(str(drop.move_to), str(drop.path)):
+        rel = os.path.relpath(drop.move_to, drop.path)
+        if rel == "." or not any(drop.is_temp_name(c) for c in rel.split("/")):
+            ck.err(_join(path, "after"), f"the move target {drop.move_to} is inside the watched folder; put it "
+                   "outside or give it a name temp_patterns exclude (like .done)")
+    return drop
+
+
+def _parse_dropfolders(ck: _Checker, value: _Node, tenants: Mapping[str, Any],
+                       node: NodeConfig) -> tuple[DropFolderConfig, ...]:
+    """``dropfolders``: each item, then that no two overlap and none touches relayd's own folders."""
+    out: list[tuple[str, DropFolderConfig]] = []
+    for ipath, item in ck.list_of("dropfolders", value):
+        drop = _parse_dropfolder(ck, ipath, item, tenants)
+        if drop is None:
+            continue
+        folder = str(drop.path)
+        for other_path, other in out:
+            if _inside(folder, str(other.path)) or _inside(str(other.path), folder):
+                ck.err(f"{ipath}.path", f"{folder} overlaps {other_path}.path ({other.path}); drop folders must "
+                       "not overlap")
+        for key in ("state_dir", "spool_dir"):
+            mine = os.path.normpath(getattr(node, key))
+            if _inside(folder, mine) or _inside(mine, folder):
+                ck.err(f"{ipath}.path", f"{folder} overlaps node.{key} ({mine})")
+            if drop.move_to is not None and _inside(str(drop.move_to), mine):
+                ck.err(f"{ipath}.after", f"the move target {drop.move_to} is inside node.{key} ({mine})")
+        out.append((ipath, drop))
+    for ipath, drop in out:
+        for other_path, other in out:
+            if drop.move_to is not None and other is not drop and _inside(str(drop.move_to), str(other.path)):
+                rel = os.path.relpath(drop.move_to, other.path)
+                if rel == "." or not any(other.is_temp_name(c) for c in rel.split("/")):
+                    ck.err(f"{ipath}.after", f"the move target {drop.move_to} is inside {other_path}.path "
+                           f"({other.path}): moved files would be taken again")
+    return tuple(d for _, d in out)
 
 
 def _named_items(ck: _Checker, path: str, value: _Node, what: str) -> list[tuple[str, Any]]:
@@ -506,6 +628,7 @@ def _build(ck: _Checker, data: dict[Any, Any], source: Path | None) -> Config:
     node = _parse_node(ck, top.get("node"))
     gateway = _parse_gateway(ck, top.get("gateway"))
     integrity = _parse_integrity(ck, top.get("integrity"))
+    metrics = _parse_metrics(ck, top.get("metrics"), gateway)
     dest_items = _named_items(ck, "destinations", top.get("destinations"), "destination")
     dest_names = {name for name, _ in dest_items}
     destinations: dict[str, DestinationConfig] = {}
@@ -529,7 +652,9 @@ def _build(ck: _Checker, data: dict[Any, Any], source: Path | None) -> Config:
                        "login names are global")
             else:
                 seen[user.name] = tname
+    dropfolders = _parse_dropfolders(ck, top.get("dropfolders"), tenants, node)
     if ck.errors:
         raise ConfigError(ck.errors)
     return Config(node=node, gateway=gateway, tenants=MappingProxyType(tenants),
-                  destinations=MappingProxyType(destinations), source=source, integrity=integrity)
+                  destinations=MappingProxyType(destinations), source=source, integrity=integrity,
+                  dropfolders=dropfolders, metrics=metrics)
