@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import random
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,7 +343,6 @@ def test_kill9_mid_transfer_recovers(tmp_path: Path, victim: str) -> None:
             s = start_daemon(tmp_path / "S", send)
         else:
             r.kill9()
-            time.sleep(0.5)
             r = start_daemon(tmp_path / "R", recv)
         final = Path(recv["node"]["spool_dir"]) / "archive" / "inbox" / "acme" / "big.bin"
 
