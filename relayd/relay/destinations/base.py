@@ -27,6 +27,7 @@ import logging
 import os
 import posixpath
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,6 +98,10 @@ class Outcome:
     note: str = ""
     receipt: str | None = None
     """A receiving relayd's signed receipt document (relayd destinations)."""
+    upload_s: float | None = None
+    """Seconds spent writing the temp file (None: not measured)."""
+    verify_s: float | None = None
+    """Seconds spent confirming it at the far end (None: not measured)."""
 
 
 class DestinationError(Exception):
@@ -350,13 +355,16 @@ async def publish(store: Store, payload: Payload, final: str, *, verify: str, on
         offset = have
         if offset:
             logger.info("%s resuming temp file at offset %d of %d", context, offset, payload.size)
+    t0 = time.monotonic()
     sent = await store.upload(temp, payload.source, offset, payload.size)
+    t1 = time.monotonic()
     verified, digest, note = await _verify(store, temp, payload, verify)
+    t2 = time.monotonic()
     remote = await _publish_temp(store, temp, final, alt, payload, on_conflict)
     await _publish_sidecar(store, payload, remote)
     await store.sync_dir(posixpath.dirname(final))
     return Outcome(remote_path=remote, verified=verified, remote_digest=digest, bytes_sent=sent,
-                   resumed_from=offset, note=note)
+                   resumed_from=offset, note=note, upload_s=t1 - t0, verify_s=t2 - t1)
 
 
 async def _publish_sidecar(store: Store, payload: Payload, remote: str) -> None:
