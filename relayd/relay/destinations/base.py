@@ -28,7 +28,7 @@ import os
 import posixpath
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, TypeVar, runtime_checkable
@@ -98,10 +98,10 @@ class Outcome:
     note: str = ""
     receipt: str | None = None
     """A receiving relayd's signed receipt document (relayd destinations)."""
-    upload_s: float | None = None
-    """Seconds spent writing the temp file (None: not measured)."""
-    verify_s: float | None = None
-    """Seconds spent confirming it at the far end (None: not measured)."""
+    upload_s: float | None = field(default=None, compare=False)
+    """Seconds spent writing the temp file (None: not measured; not part of equality)."""
+    verify_s: float | None = field(default=None, compare=False)
+    """Seconds spent confirming it at the far end (None: not measured; not part of equality)."""
 
 
 class DestinationError(Exception):
