@@ -1,5 +1,5 @@
-"""The ``relayd`` command: serve, check-config, transfers, retry, keys, manifest, verify,
-hash-password, init-demo.
+"""The ``relayd`` command: serve, check-config, status, transfers, show, retry, cancel, keys,
+manifest, verify, receipt, hash-password, init-demo.
 
 Errors are mapped to exit codes in one place (:func:`main`): a bad config prints one line per
 problem and exits 2, never with a traceback.
@@ -24,18 +24,36 @@ __all__ = ["main"]
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per line with ECS-style field names."""
+    """One JSON object per line with ECS-style field names (dotted keys, as ECS loggers write).
+
+    Always: ``@timestamp``, ``log.level``, ``log.logger``, ``message``, ``process.pid``,
+    ``process.thread.name``, ``service.name``, ``ecs.version``. Log calls add ECS fields
+    (``event.action``, ``event.category``, ``event.outcome``, ``user.name``, ``source.ip``,
+    ``file.size``, ...) and ``relayd.*`` ids through ``extra={...}``: every ``extra`` key with a
+    dot in its name is copied. Secrets are never passed to the logger, so none can appear here.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "@timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "log.level": record.levelname.lower(),
-            "log.logger": record.name,
             "message": record.getMessage(),
+            "log.logger": record.name,
+            "process.pid": record.process,
+            "process.thread.name": record.threadName,
+            "service.name": "relayd",
+            "ecs.version": "8.11.0",
         }
+        for key, value in record.__dict__.items():
+            if "." in key:
+                doc[key] = value
         if record.exc_info:
+            exc = record.exc_info[1]
+            if exc is not None:
+                doc["error.type"] = type(exc).__name__
+                doc["error.message"] = str(exc)
             doc["error.stack_trace"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False)
+        return json.dumps(doc, ensure_ascii=False, default=str)
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -49,13 +67,33 @@ def setup_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("asyncssh").setLevel(max(logging.WARNING, root.level))
+    logging.captureWarnings(True)  # Python warnings become log lines too (JSON when asked)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from relayd.daemon import run
+    """Run the daemon. Every problem, even a config error at start, is a log line (so that
+    ``--log-format json`` output is JSON from the first line to the last)."""
+    from relayd.daemon import DaemonError, run
 
     setup_logging(args.log_level, args.log_format)
-    return run(args.config)
+    log = logging.getLogger("relayd.cli")
+    try:
+        return run(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("%s", line, extra={"event.action": "start", "event.outcome": "failure"})
+        return exc.exit_code
+    except (DaemonError, JournalError, SigningKeyError) as exc:
+        log.error("cannot start: %s", exc, extra={"event.action": "start", "event.outcome": "failure"})
+        return exc.exit_code if isinstance(exc, (DaemonError, JournalError)) else 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        log.error("cannot start: %s%s", exc.strerror or exc, where,
+                  extra={"event.action": "start", "event.outcome": "failure"})
+        return 1
+    except Exception:  # noqa: BLE001 - a bug: still one (JSON) log line, with the stack trace in it
+        log.critical("relayd crashed", exc_info=True)
+        return 70
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -68,7 +106,10 @@ def _cmd_transfers(args: argparse.Namespace) -> int:
     from relayd.daemon import journal_path
     from relayd.journal import Journal
 
+    from relayd.admin import run_as_state_owner
+
     config = load_config(args.config)
+    run_as_state_owner(config)
     journal = Journal.open(journal_path(config), readonly=True)
     try:
         rows = journal.list_transfers(tenant=args.tenant, state=args.state, since=args.since)
@@ -101,7 +142,10 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     from relayd.daemon import journal_path
     from relayd.journal import Journal
 
+    from relayd.admin import run_as_state_owner
+
     config = load_config(args.config)
+    run_as_state_owner(config)
     journal = Journal.open(journal_path(config))
     try:
         rows = journal.requeue(args.id, time.time())
@@ -112,6 +156,48 @@ def _cmd_retry(args: argparse.Namespace) -> int:
         return 1
     for d in rows:
         print(f"{d.id}  {d.destination}  {d.state}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from relayd.admin import format_status, status
+
+    info = status(load_config(args.config))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_status(info))
+    running = info["daemon"]["running"]
+    return 0 if running else 4 if running is None else 3  # LSB status codes: 3 not running, 4 unknown
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from relayd.admin import UnknownId, format_show, show
+
+    try:
+        info = show(load_config(args.config), args.id)
+    except UnknownId as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_show(info))
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from relayd.admin import UnknownId, cancel, format_cancel
+
+    try:
+        changed, rows, _ = cancel(load_config(args.config), args.id)
+    except UnknownId as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps({"cancelled": changed, "deliveries": [d.to_dict() for d in rows]}, indent=2))
+    else:
+        print(format_cancel(changed, rows))
     return 0
 
 
@@ -269,6 +355,8 @@ def _cmd_init_demo(args: argparse.Namespace) -> int:
     print("upload a file from another terminal (in this folder) with:")
     print(f"  {sftp_command(Path(args.dir), args.port)}")
     print(f"then see it with: .venv/bin/relayd transfers -c {cfg}")
+    print(f"               or: .venv/bin/relayd status -c {cfg}")
+    print("      and metrics: curl -s http://127.0.0.1:9464/metrics | grep '^relayd_'")
     return 0
 
 
@@ -288,14 +376,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp.add_argument("--log-format", default="text", choices=["text", "json"])
     add("check-config", "validate a config file; exit 2 with one line per problem", _cmd_check_config)
+    sp = add("status", "daemon running?, version, node, counts by state, oldest waiting delivery, backlog per "
+             "destination (exit 0: running, 3: not running, 4: cannot tell)", _cmd_status)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp = add("transfers", "list committed transfers from the journal", _cmd_transfers)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.add_argument("--tenant")
     sp.add_argument("--state")
     sp.add_argument("--since", help="RFC 3339 time, e.g. 2026-12-01T00:00:00Z")
-    sp = add("retry", "re-queue a failed delivery (by delivery id, or all of a transfer's by transfer id)",
-             _cmd_retry)
+    sp = add("show", "everything about one transfer or delivery: fields, deliveries, manifest", _cmd_show)
+    sp.add_argument("id", metavar="ID", help="a transfer id or a delivery id")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add("retry", "re-queue a failed or cancelled delivery (by delivery id, or all of a transfer's by "
+             "transfer id)", _cmd_retry)
     sp.add_argument("id", metavar="ID")
+    sp = add("cancel", "cancel a pending, retry_wait or failed delivery (by delivery id, or all unfinished ones "
+             "of a transfer by transfer id); the daemon never attempts it again", _cmd_cancel)
+    sp.add_argument("id", metavar="ID")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp = add("keys", "show, rotate or export the manifest signing keys (node.state_dir/signing)", None, False)
     keys = sp.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     kp = keys.add_parser("show", help="current key id, its public key (OpenSSH and PEM), kept key ids")

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from relayd.integrity.manifest import Signed as SignedManifest
 
-__all__ = ["Journal", "Transfer", "JournalError", "new_id", "utc_now"]
+__all__ = ["Journal", "Transfer", "DroppedFile", "QueueStats", "JournalError", "new_id", "utc_now"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -86,6 +86,22 @@ _SCHEMA = [
     CREATE INDEX peer_origins_transfer ON peer_origins(transfer_id);
     CREATE INDEX transfers_path ON transfers(tenant, path);
     """,
+    # version 5: drop folders. One row per committed original still in its drop folder (between
+    # the commit and its removal, or for good with after: keep), written with the transfer: a
+    # file found again with the same path, size, mtime and SHA-256 is not committed twice.
+    """
+    CREATE TABLE dropfolder_files (
+        folder      TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        mtime_ns    INTEGER NOT NULL,
+        sha256      TEXT NOT NULL,
+        inode       INTEGER NOT NULL,
+        ctime_ns    INTEGER NOT NULL,
+        transfer_id TEXT NOT NULL REFERENCES transfers(id),
+        PRIMARY KEY (folder, path)
+    );
+    """,
 ]
 
 # Delivery states (DESIGN.md): pending → sending → delivered | retry_wait → failed | denied | quarantined
@@ -94,6 +110,10 @@ DELIVERY_STATES = ("pending", "sending", "delivered", "retry_wait", "failed", "d
 TERMINAL_STATES = frozenset({"delivered", "failed", "denied", "quarantined", "cancelled"})
 _FINISH_FIELDS = frozenset({"last_error", "next_attempt_at", "remote_path", "verified", "remote_digest",
                             "bytes_sent", "receipt"})
+
+
+_WATCHED_STATES = ("pending", "retry_wait", "sending", "failed", "quarantined", "denied")
+"""Delivery states :meth:`Journal.queue_stats` counts (everything but delivered and cancelled)."""
 
 
 class JournalError(Exception):
@@ -143,6 +163,25 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class DroppedFile:
+    """A drop-folder original committed as a transfer (its dedup identity).
+
+    ``folder`` is the drop folder's real path, ``path`` the file's path inside it; ``inode`` and
+    ``ctime_ns`` let an unchanged file be recognized without reading it again.
+    """
+
+    folder: str
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    inode: int
+    ctime_ns: int
+    transfer_id: str = ""
+    """Filled in by :meth:`Journal.add_transfer` (the transfer the file was committed as)."""
+
+
+@dataclass(frozen=True)
 class Transfer:
     """One committed file as recorded in the journal."""
 
@@ -160,6 +199,15 @@ class Transfer:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for JSON output."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Deliveries not delivered yet: counts by destination → state (pending, retry_wait, sending,
+    failed, quarantined, denied) and the oldest delivery still waiting (None: queue empty)."""
+
+    by_destination: dict[str, dict[str, int]]
+    oldest_waiting: Delivery | None
 
 
 class Journal:
@@ -216,37 +264,57 @@ class Journal:
 
     def add_transfer(self, t: Transfer, destinations: Sequence[str] = (),
                      manifest: SignedManifest | None = None,
-                     origin: tuple[str, str, int | None] | None = None) -> list[Delivery]:
+                     origin: tuple[str, str, int | None] | None = None,
+                     dropped: DroppedFile | None = None) -> list[Delivery]:
         """Insert a committed transfer, its signed manifest and one pending delivery per
-        destination, atomically.
+        destination, atomically (with ``dropped``: the drop-folder original it came from).
 
         Durable when this returns. Raises :class:`JournalError`.
         """
+        return self.add_transfers([(t, destinations, manifest, origin, dropped)])[0]
+
+    def add_transfers(self, items: Sequence[tuple[Transfer, Sequence[str], SignedManifest | None,
+                                                  tuple[str, str, int | None] | None, DroppedFile | None]]
+                      ) -> list[list[Delivery]]:
+        """:meth:`add_transfer` for several transfers in one transaction (group commit: one
+        fsync for all; all or none). Items are (transfer, destinations, manifest, origin, dropped)."""
         now = utc_now()
-        deliveries = [Delivery(id=new_id(), transfer_id=t.id, destination=d, state="pending", attempts=0,
-                               next_attempt_at=time.time(), created_at=now, updated_at=now)
-                      for d in dict.fromkeys(destinations)]
+        out: list[list[Delivery]] = []
         try:
             with self._tx():
-                self._conn.execute(
-                    "INSERT INTO transfers (id, tenant, user, source, path, size, sha256, received_at, state,"
-                    " object) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (t.id, t.tenant, t.user, t.source, t.path, t.size, t.sha256, t.received_at, t.state,
-                     t.object))
-                self._conn.executemany(
-                    "INSERT INTO deliveries (id, transfer_id, destination, state, attempts, next_attempt_at,"
-                    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                    [(d.id, d.transfer_id, d.destination, d.state, d.attempts, d.next_attempt_at, d.created_at,
-                      d.updated_at) for d in deliveries])
-                if manifest is not None:
-                    self._conn.execute("INSERT INTO manifests (transfer_id, key_id, body, signature) VALUES (?,?,?,?)",
-                                       (t.id, manifest.key_id, manifest.body, manifest.signature))
-                if origin is not None:
-                    self._conn.execute("INSERT INTO peer_origins (sender_gateway, sender_transfer_id, transfer_id,"
-                                       " changed_regions) VALUES (?,?,?,?)", (origin[0], origin[1], t.id, origin[2]))
+                for t, destinations, manifest, origin, dropped in items:
+                    deliveries = [Delivery(id=new_id(), transfer_id=t.id, destination=d, state="pending", attempts=0,
+                                           next_attempt_at=time.time(), created_at=now, updated_at=now)
+                                  for d in dict.fromkeys(destinations)]
+                    out.append(deliveries)
+                    self._conn.execute(
+                        "INSERT INTO transfers (id, tenant, user, source, path, size, sha256, received_at, state,"
+                        " object) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (t.id, t.tenant, t.user, t.source, t.path, t.size, t.sha256, t.received_at, t.state,
+                         t.object))
+                    self._conn.executemany(
+                        "INSERT INTO deliveries (id, transfer_id, destination, state, attempts, next_attempt_at,"
+                        " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                        [(d.id, d.transfer_id, d.destination, d.state, d.attempts, d.next_attempt_at, d.created_at,
+                          d.updated_at) for d in deliveries])
+                    if manifest is not None:
+                        self._conn.execute("INSERT INTO manifests (transfer_id, key_id, body, signature)"
+                                           " VALUES (?,?,?,?)", (t.id, manifest.key_id, manifest.body,
+                                                                 manifest.signature))
+                    if origin is not None:
+                        self._conn.execute("INSERT INTO peer_origins (sender_gateway, sender_transfer_id,"
+                                           " transfer_id, changed_regions) VALUES (?,?,?,?)",
+                                           (origin[0], origin[1], t.id, origin[2]))
+                    if dropped is not None:
+                        self._conn.execute(
+                            "INSERT OR REPLACE INTO dropfolder_files (folder, path, size, mtime_ns, sha256, inode,"
+                            " ctime_ns, transfer_id) VALUES (?,?,?,?,?,?,?,?)",
+                            (dropped.folder, dropped.path, dropped.size, dropped.mtime_ns, dropped.sha256,
+                             dropped.inode, dropped.ctime_ns, t.id))
         except sqlite3.Error as exc:
-            raise JournalError(f"cannot record transfer {t.id}: {exc}") from None
-        return deliveries
+            which = items[0][0].id if len(items) == 1 else f"{items[0][0].id} (and {len(items) - 1} more)"
+            raise JournalError(f"cannot record transfer {which}: {exc}") from None
+        return out
 
     def manifest_of(self, transfer_id: str) -> SignedManifest | None:
         """The signed manifest recorded with ``transfer_id`` (None for transfers without one)."""
@@ -294,6 +362,33 @@ class Journal:
                 for r in rows:
                     out[r["transfer_id"]] = SignedManifest(bytes(r["body"]), bytes(r["signature"]), r["key_id"])
         return out
+
+    # -- drop folders --------------------------------------------------------------------------
+
+    def dropped_file(self, folder: str, path: str) -> DroppedFile | None:
+        """The committed original recorded at ``path`` of drop folder ``folder``, if any."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM dropfolder_files WHERE folder = ? AND path = ?",
+                                     (folder, path)).fetchone()
+        return DroppedFile(**dict(row)) if row is not None else None
+
+    def dropped_paths(self, folder: str) -> set[str]:
+        """Paths of drop folder ``folder`` that have a committed original recorded."""
+        with self._lock:
+            rows = self._conn.execute("SELECT path FROM dropfolder_files WHERE folder = ?", (folder,)).fetchall()
+        return {r[0] for r in rows}
+
+    def forget_dropped(self, folder: str, paths: Sequence[str]) -> None:
+        """Drop the records of originals that left ``folder`` (deleted or moved after their commit).
+
+        Not fsynced on its own: a record that survives a crash only names a file that is gone,
+        and is pruned when the folder is scanned at the next start.
+        """
+        if not paths:
+            return
+        with self._tx(durable=False):
+            self._conn.executemany("DELETE FROM dropfolder_files WHERE folder = ? AND path = ?",
+                                   [(folder, p) for p in paths])
 
     # -- delivery scheduling -------------------------------------------------------------------
 
@@ -366,12 +461,12 @@ class Journal:
                 self._conn.execute(sql, args)
 
     def requeue(self, ident: str, now: float) -> list[Delivery]:
-        """``relayd retry``: put a delivery (by delivery id) or every unfinished/failed delivery of a
-        transfer (by transfer id) back to ``pending``, due now, with a fresh attempt count."""
+        """``relayd retry``: put a delivery (by delivery id) or every unfinished, failed or cancelled
+        delivery of a transfer (by transfer id) back to ``pending``, due now, with a fresh attempt count."""
         with self._tx():
             cur = self._conn.execute(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
-                " WHERE (id = ? OR transfer_id = ?) AND state IN ('failed', 'retry_wait', 'pending')",
+                " WHERE (id = ? OR transfer_id = ?) AND state IN ('failed', 'retry_wait', 'pending', 'cancelled')",
                 (now, utc_now(), ident, ident))
             del cur
             rows = self._conn.execute("SELECT * FROM deliveries WHERE id = ? OR transfer_id = ? ORDER BY rowid",
@@ -407,6 +502,61 @@ class Journal:
         with self._lock:
             rows = self._conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
         return {r[0]: r[1] for r in rows}
+
+    def checkpoint_sending(self, delivery_ids: Sequence[str], now: float, note: str) -> list[str]:
+        """Shutdown: deliveries of ``delivery_ids`` still ``sending`` go back to ``pending``, due
+        ``now``, with ``note`` as last error. Returns the ids changed (others kept their outcome)."""
+        ids = list(delivery_ids)
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        with self._tx():
+            changed = [r[0] for r in self._conn.execute(
+                f"SELECT id FROM deliveries WHERE id IN ({marks}) AND state = 'sending'", ids).fetchall()]
+            if changed:
+                self._conn.execute(
+                    f"UPDATE deliveries SET state = 'pending', next_attempt_at = ?, last_error = ?, updated_at = ?"
+                    f" WHERE id IN ({','.join('?' * len(changed))})", [now, note, utc_now(), *changed])
+        return changed
+
+    def transfer_counts(self) -> dict[str, int]:
+        """Number of transfers per state (``relayd status``)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM transfers GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def queue_stats(self) -> "QueueStats":
+        """Deliveries not delivered yet, per destination and state, and the oldest one still
+        waiting (for metrics and ``relayd status``; reads the index of unfinished states only)."""
+        marks = ",".join("?" * len(_WATCHED_STATES))
+        with self._lock:
+            rows = self._conn.execute(f"SELECT destination, state, COUNT(*) FROM deliveries WHERE state IN ({marks})"
+                                      " GROUP BY destination, state", _WATCHED_STATES).fetchall()
+            oldest = self._conn.execute("SELECT * FROM deliveries WHERE state IN ('pending', 'retry_wait', 'sending')"
+                                        " ORDER BY created_at, rowid LIMIT 1").fetchone()
+        by_dest: dict[str, dict[str, int]] = {}
+        for dest, state, count in rows:
+            by_dest.setdefault(dest, {})[state] = count
+        return QueueStats(by_dest, Delivery(**dict(oldest)) if oldest is not None else None)
+
+    def cancel(self, ident: str) -> tuple[list[str], list[Delivery]]:
+        """``relayd cancel``: mark a delivery (by delivery id) or every pending, retry_wait or
+        failed delivery of a transfer (by transfer id) ``cancelled``. A delivery being sent right
+        now (``sending``) is left alone. The scheduler claims only pending/retry_wait rows, in its
+        own transaction, so a cancelled delivery is never attempted afterwards.
+
+        Returns the ids cancelled now and every delivery ``ident`` names (after the change).
+        """
+        with self._tx():
+            ids = [r[0] for r in self._conn.execute(
+                "SELECT id FROM deliveries WHERE (id = ? OR transfer_id = ?) AND state IN ('pending', 'retry_wait',"
+                " 'failed')", (ident, ident)).fetchall()]
+            if ids:
+                self._conn.execute(f"UPDATE deliveries SET state = 'cancelled', updated_at = ? WHERE id IN "
+                                   f"({','.join('?' * len(ids))})", [utc_now(), *ids])
+            rows = self._conn.execute("SELECT * FROM deliveries WHERE id = ? OR transfer_id = ? ORDER BY rowid",
+                                      (ident, ident)).fetchall()
+        return ids, [Delivery(**dict(r)) for r in rows]
 
     def waiting_by_destination(self) -> dict[str, int]:
         """Unfinished (pending, retry_wait, sending) deliveries per destination name."""

@@ -25,9 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from relayd.journal import Journal, Transfer, new_id, utc_now
+from relayd.journal import DroppedFile, Journal, Transfer, new_id, utc_now
 from relayd.integrity import Notary
-from relayd.integrity.manifest import new_hashers
+from relayd.integrity.manifest import Signed as SignedManifest, new_hashers
+from relayd.metrics import Metrics
 
 __all__ = ["Spool", "CommitRequest", "TenantDirs", "fsync_dir", "hash_file", "scan_usage"]
 
@@ -119,6 +120,17 @@ class CommitRequest:
     """Extra digests already computed while receiving (``integrity.digests``), by name."""
     origin: tuple[str, str, int | None] | None = None
     """For a file a peer relayd sent: (sender gateway, sender transfer id, changed regions)."""
+    dropped: DroppedFile | None = None
+    """For a file taken from a drop folder: the original, recorded with the transfer (dedup)."""
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """A file past the pre-journal steps of a commit (see :meth:`Spool._fix`)."""
+
+    transfer: Transfer
+    obj: Path
+    signed: SignedManifest | None
 
 
 class Spool:
@@ -129,6 +141,8 @@ class Spool:
         self.journal = journal
         self.notary = notary
         """Signs a manifest per committed file (None: no manifests, e.g. in unit tests)."""
+        self.metrics: Metrics | None = None
+        """Counts committed files and bytes per tenant (set by the daemon)."""
 
     def dirs(self, tenant: str) -> TenantDirs:
         """The folders of ``tenant`` (not created)."""
@@ -155,6 +169,71 @@ class Spool:
         Order: fsync data → link ``objects/<id>`` → fsync objects dir → journal commit →
         rename into the inbox → fsync inbox dir. Returns the committed :class:`Transfer`.
         """
+        fixed = self._fix(req)
+        t = fixed.transfer
+        fsync_dir(fixed.obj.parent)
+        try:
+            self.journal.add_transfer(t, req.destinations, fixed.signed, req.origin, req.dropped)
+        except BaseException:
+            _unlink_quiet(fixed.obj)
+            raise
+        os.rename(req.src, req.publish_to)
+        fsync_dir(req.publish_to.parent)
+        if req.src.parent != req.publish_to.parent:
+            fsync_dir(req.src.parent)
+        self._committed(req, t)
+        return t
+
+    def commit_many(self, reqs: Sequence[CommitRequest]) -> list[Transfer | Exception]:
+        """Group commit: :meth:`commit` for several files, in the same order of steps, with one
+        journal transaction and one fsync per folder for all of them; blocking.
+
+        Returns, per request, its committed :class:`Transfer` or the exception it met. A file whose
+        own steps fail (before the journal) fails alone; a failed journal commit fails them all
+        (nothing recorded, nothing published). Raises only if fsyncing a folder fails after the
+        journal commit (the transfers are recorded; their names may not be durable yet).
+        """
+        results: list[Transfer | Exception] = []
+        fixed: list[tuple[int, CommitRequest, _Fixed]] = []
+        for req in reqs:
+            try:
+                f = self._fix(req)
+            except Exception as exc:  # noqa: BLE001 - reported for this file only
+                results.append(exc)
+                continue
+            fixed.append((len(results), req, f))
+            results.append(f.transfer)
+        if not fixed:
+            return results
+        try:
+            for folder in {f.obj.parent for _, _, f in fixed}:
+                fsync_dir(folder)
+            self.journal.add_transfers([(f.transfer, req.destinations, f.signed, req.origin, req.dropped)
+                                        for _, req, f in fixed])
+        except Exception as exc:  # noqa: BLE001 - nothing of the batch is committed
+            for i, _, f in fixed:
+                _unlink_quiet(f.obj)
+                results[i] = exc
+            return results
+        folders: set[Path] = set()
+        for i, req, f in fixed:
+            try:
+                os.rename(req.src, req.publish_to)
+            except OSError as exc:
+                results[i] = exc
+                continue
+            folders.update((req.publish_to.parent, req.src.parent))
+        for folder in folders:
+            fsync_dir(folder)
+        for i, req, f in fixed:
+            if results[i] is f.transfer:
+                self._committed(req, f.transfer)
+        return results
+
+    def _fix(self, req: CommitRequest) -> "_Fixed":
+        """The steps of a commit before the journal: check the target, fsync the data, take its
+        digests, link it as ``objects/<id>`` (read-only), sign the manifest. The objects folder
+        is not fsynced here."""
         d = self.dirs(req.tenant)
         try:
             st = os.lstat(req.publish_to)
@@ -179,25 +258,23 @@ class Spool:
         obj = d.objects / tid
         os.link(req.src, obj)
         os.chmod(obj, 0o444)
-        fsync_dir(d.objects)
         transfer = Transfer(id=tid, tenant=req.tenant, user=req.user, source=req.source, path=req.path,
                             size=size, sha256=sha256, received_at=utc_now(), state="committed", object=tid)
         signed = None
         if self.notary is not None:
             signed = self.notary.sign(transfer_id=tid, tenant=req.tenant, user=req.user, path=req.path, size=size,
                                       digests=digests, received_at=transfer.received_at, source=req.source)
-        try:
-            self.journal.add_transfer(transfer, req.destinations, signed, req.origin)
-        except BaseException:
-            _unlink_quiet(obj)
-            raise
-        os.rename(req.src, req.publish_to)
-        fsync_dir(req.publish_to.parent)
-        if req.src.parent != req.publish_to.parent:
-            fsync_dir(req.src.parent)
-        log.info("committed transfer=%s tenant=%s user=%s size=%d sha256=%s destinations=%s", tid, req.tenant,
-                 req.user, size, sha256, ",".join(req.destinations) or "(unrouted)")
-        return transfer
+        return _Fixed(transfer, obj, signed)
+
+    def _committed(self, req: CommitRequest, t: Transfer) -> None:
+        """Count and log a finished commit."""
+        if self.metrics is not None:
+            self.metrics.committed(req.tenant, t.size)
+        log.info("committed transfer=%s tenant=%s user=%s size=%d sha256=%s destinations=%s", t.id, req.tenant,
+                 req.user, t.size, t.sha256, ",".join(req.destinations) or "(unrouted)",
+                 extra={"event.action": "file-committed", "event.category": "file", "event.outcome": "success",
+                        "relayd.transfer_id": t.id, "relayd.tenant": req.tenant, "file.size": t.size,
+                        "file.hash.sha256": t.sha256})
 
     def object_path(self, transfer: Transfer) -> Path:
         """Where the committed content of ``transfer`` lives."""

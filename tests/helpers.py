@@ -168,12 +168,13 @@ def base_config(workdir: Path, port: int, tenants: dict[str, Any], **gateway: An
         "gateway": {"listen": [f"127.0.0.1:{port}"], **gateway},
         "tenants": tenants,
         "destinations": {},
+        "metrics": {"enabled": False},  # tests that scrape set metrics.listen to a free port
     }
 
 
 def start_daemon(workdir: Path, config: dict[str, Any], port: int | None = None,
-                 env: dict[str, str] | None = None) -> Daemon:
-    """Write ``config`` and start ``relayd serve``; return once it is ready."""
+                 env: dict[str, str] | None = None, serve_args: tuple[str, ...] = ()) -> Daemon:
+    """Write ``config`` and start ``relayd serve`` (plus ``serve_args``); return once it is ready."""
     workdir.mkdir(parents=True, exist_ok=True)
     if port is None:
         port = int(config["gateway"]["listen"][0].rsplit(":", 1)[1])
@@ -182,7 +183,7 @@ def start_daemon(workdir: Path, config: dict[str, Any], port: int | None = None,
     log_path = workdir / f"relayd-{time.monotonic_ns()}.log"
     log_file = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "relayd.cli", "serve", "-c", str(config_path),
-                             "--log-level", "debug"],
+                             "--log-level", "debug", *serve_args],
                             stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
                             env={**os.environ, **(env or {})})
     log_file.close()

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from relayd.config.load import load_config
 from relayd.config.model import (
-    AlgorithmsConfig, Config, DestinationConfig, GatewayConfig, NodeConfig, QuotaConfig, RouteConfig,
-    TenantConfig, UserConfig,
+    AlgorithmsConfig, Config, DestinationConfig, DropFolderConfig, GatewayConfig, NodeConfig, QuotaConfig,
+    RouteConfig, TenantConfig, UserConfig,
 )
 from relayd.config.schema import (
     DEFAULT_ALGORITHMS, DEFAULT_PERMISSIONS, DEFAULT_TEMP_PATTERNS, DESTINATION_TYPES, KEYS, PERMISSIONS,
@@ -41,7 +41,7 @@ from relayd.config.values import ConfigError, glob_to_regex, parse_duration, par
 
 __all__ = [
     "ConfigError", "Config", "NodeConfig", "GatewayConfig", "AlgorithmsConfig",
-    "TenantConfig", "UserConfig", "QuotaConfig", "RouteConfig", "DestinationConfig",
+    "TenantConfig", "UserConfig", "QuotaConfig", "RouteConfig", "DestinationConfig", "DropFolderConfig",
     "load_config", "parse_config", "parse_size", "parse_duration", "PERMISSIONS",
     "DEFAULT_PERMISSIONS", "DEFAULT_ALGORITHMS", "DEFAULT_TEMP_PATTERNS", "DESTINATION_TYPES",
     "KeySpec", "KEYS", "SCHEMA", "REQUIRED", "glob_to_regex",

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from relayd.config.schema import DEFAULT_ALGORITHMS, DEFAULT_PERMISSIONS, DEFAULT_TEMP_PATTERNS
+from relayd.config.schema import (
+    DEFAULT_ALGORITHMS, DEFAULT_DROP_TEMP_PATTERNS, DEFAULT_PERMISSIONS, DEFAULT_TEMP_PATTERNS,
+)
 from relayd.config.values import glob_to_regex
 
 
@@ -27,6 +29,14 @@ class IntegrityConfig:
     manifests: bool = True
     digests: tuple[str, ...] = ()
     """Extra digests next to sha256 (``sha3-256``, ``blake2b``)."""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint."""
+
+    enabled: bool = True
+    listen: tuple[str, int] = ("127.0.0.1", 9464)
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,32 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
+class DropFolderConfig:
+    """A watched folder whose settled files are committed into ``tenant``'s inbox.
+
+    ``path`` and ``move_to`` are absolute (relative ones are resolved against the config file's
+    folder) but not resolved through symlinks: that happens when the folder is watched.
+    ``after`` is ``delete``, ``keep`` or ``move`` (then ``move_to`` is set); ``into`` is the
+    normalized inbox folder (``/`` or ``/a/b``).
+    """
+
+    path: Path
+    tenant: str
+    pattern: str = "**"
+    recursive: bool = False
+    settle: float = 5.0
+    after: str = "delete"
+    move_to: Path | None = None
+    temp_patterns: tuple[str, ...] = DEFAULT_DROP_TEMP_PATTERNS
+    into: str = "/"
+    rescan: float = 60.0
+
+    def is_temp_name(self, name: str) -> bool:
+        """True if a file or folder name matches one of ``temp_patterns``."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.temp_patterns)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration (``tenants`` and ``destinations`` are read-only)."""
 
@@ -143,6 +179,8 @@ class Config:
     destinations: Mapping[str, DestinationConfig]
     source: Path | None = None
     integrity: IntegrityConfig = IntegrityConfig()
+    dropfolders: tuple[DropFolderConfig, ...] = ()
+    metrics: MetricsConfig = MetricsConfig()
 
     def find_user(self, username: str) -> UserConfig | None:
         """The user with this login name, or None."""

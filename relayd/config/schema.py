@@ -144,7 +144,9 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
                                          "address; further ones are dropped at once."),
     "gateway.keepalive_interval": _K("duration", "30s", "SSH keepalive interval (0: off); 3 missed answers "
                                      "close the connection."),
-    "gateway.drain_timeout": _K("duration", "60s", "On stop, how long uploads in progress may finish."),
+    "gateway.drain_timeout": _K("duration", "60s", "On stop (SIGTERM), how long uploads in progress may "
+                                "finish; delivery attempts still running get what is left, then resume at "
+                                "the next start. Keep it 15s or more below systemd's TimeoutStopSec."),
     "gateway.algorithms": _K("mapping", {}, "SSH algorithm lists in preference order; a list replaces the "
                              "default for its kind."),
     "gateway.algorithms.kex": _K("list of strings", list(DEFAULT_ALGORITHMS["kex"]), "Key exchange."),

@@ -540,15 +540,15 @@ def _parse_dropfolder(ck: _Checker, path: str, raw: _Node, tenants: Mapping[str,
         ck.err(_join(path, "into"), f"must be a folder inside the tenant's inbox (no '..', no control "
                f"characters), got {into!r}")
         parts = []
+    recursive = bool(ck.boolean(_join(path, "recursive"), raw.get("recursive"), d.recursive))
+    settle = ck.duration(_join(path, "settle"), raw.get("settle"), d.settle, positive=True)
+    rescan = ck.duration(_join(path, "rescan"), raw.get("rescan"), d.rescan, positive=True)
     if folder is None or tenant is None:
         return None
     drop = DropFolderConfig(
-        path=Path(os.path.normpath(folder)), tenant=tenant, pattern=pattern,
-        recursive=bool(ck.boolean(_join(path, "recursive"), raw.get("recursive"), d.recursive)),
-        settle=ck.duration(_join(path, "settle"), raw.get("settle"), d.settle, positive=True),
+        path=Path(os.path.normpath(folder)), tenant=tenant, pattern=pattern, recursive=recursive, settle=settle,
         after=after, move_to=Path(os.path.normpath(move_to)) if move_to is not None else None,
-        temp_patterns=temp_patterns, into="/" + "/".join(parts),
-        rescan=ck.duration(_join(path, "rescan"), raw.get("rescan"), d.rescan, positive=True))
+        temp_patterns=temp_patterns, into="/" + "/".join(parts), rescan=rescan)
     if drop.move_to is not None and _inside(str(drop.move_to), str(drop.path)):
         rel = os.path.relpath(drop.move_to, drop.path)
         if rel == "." or not any(drop.is_temp_name(c) for c in rel.split("/")):

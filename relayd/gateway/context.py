@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from relayd.config import Config, TenantConfig, UserConfig
 from relayd.gateway.quota import TenantUsage
+from relayd.metrics import Metrics
 from relayd.spool import Spool, scan_usage
 
 __all__ = ["GatewayContext", "Identity"]
@@ -38,6 +39,7 @@ class GatewayContext:
     connections: dict[Any, Any] = field(default_factory=dict)
     uploads: set[Any] = field(default_factory=set)
     on_commit: Callable[[], None] | None = None   # the relay's wake-up call
+    metrics: Metrics | None = None
 
     def prepare_tenants(self) -> None:
         """Create spool folders for every configured tenant and (re)count their usage."""

@@ -112,6 +112,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self.authenticated = False
         self.servers: list[TenantSFTPServer] = []
         self.started = time.monotonic()
+        self.auth_method = "publickey"  # what succeeded, for the metrics (password sets it)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -122,8 +123,12 @@ class GatewayConnection(asyncssh.SSHServer):
         ctx = self.ctx
         if ctx.startups >= gw.max_startups or ctx.per_ip[self.ip] >= gw.max_connections_per_ip:
             self.rejected = True
+            if ctx.metrics is not None:
+                ctx.metrics.connections_refused.inc()
             log.warning("refused: connection flood conn=%s remote=%s (unauthenticated=%d, from this address=%d)",
-                        self.conn_id, self.remote, ctx.startups, ctx.per_ip[self.ip])
+                        self.conn_id, self.remote, ctx.startups, ctx.per_ip[self.ip],
+                        extra={"event.action": "connection-refused", "event.category": "network",
+                               "event.outcome": "failure", "source.ip": self.ip})
             asyncio.get_running_loop().call_soon(conn.abort)
             return
         ctx.connections[conn] = self
@@ -157,8 +162,12 @@ class GatewayConnection(asyncssh.SSHServer):
 
     def _failed(self, method: str) -> None:
         self.failures += 1
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.auth(method, False)
         log.warning("auth failed conn=%s user=%r method=%s remote=%s attempt=%d", self.conn_id,
-                    self.username[:64], method, self.remote, self.failures)
+                    self.username[:64], method, self.remote, self.failures,
+                    extra={"event.action": "login", "event.category": "authentication", "event.outcome": "failure",
+                           "user.name": self.username[:64], "source.ip": self.ip, "relayd.auth_method": method})
         if self.failures >= self.config.gateway.max_auth_tries and self.conn is not None:
             log.warning("too many auth failures conn=%s remote=%s: disconnecting", self.conn_id, self.remote)
             conn = self.conn
@@ -185,14 +194,21 @@ class GatewayConnection(asyncssh.SSHServer):
         ok = await asyncio.get_running_loop().run_in_executor(None, verify_password, pw_hash, password)
         if not ok:
             self._failed("password")
+        else:
+            self.auth_method = "password"
         return ok
 
     def auth_completed(self) -> None:
         self.authenticated = True
         self.ctx.startups -= 1
         assert self.user is not None
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.auth(self.auth_method, True)
         log.info("login conn=%s user=%s tenant=%s remote=%s", self.conn_id, self.user.name, self.user.tenant,
-                 self.remote)
+                 self.remote, extra={"event.action": "login", "event.category": "authentication",
+                                     "event.outcome": "success", "user.name": self.user.name,
+                                     "source.ip": self.ip, "relayd.tenant": self.user.tenant,
+                                     "relayd.auth_method": self.auth_method})
 
     def session_requested(self) -> Any:
         user = self.user

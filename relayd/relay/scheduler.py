@@ -24,6 +24,7 @@ from typing import Any, Callable
 from relayd.config import Config, DestinationConfig
 from relayd.integrity.manifest import Signed, sidecar_bytes
 from relayd.journal import Delivery, Journal, Transfer
+from relayd.metrics import Metrics
 from relayd.relay.destinations import Destination, DestinationError, Payload, create_destination
 from relayd.spool import Spool
 
@@ -53,8 +54,12 @@ class Relay:
     """Runs deliveries until stopped. All journal calls go through a worker thread."""
 
     def __init__(self, config: Config, journal: Journal, spool: Spool, policy: RetryPolicy | None = None,
-                 factory: Callable[[DestinationConfig], Destination] = create_destination):
+                 factory: Callable[[DestinationConfig], Destination] = create_destination,
+                 metrics: Metrics | None = None):
         self.config = config
+        self.metrics = metrics
+        self.recovered = asyncio.Event()
+        """Set once interrupted deliveries were reset to pending (crash recovery) at start."""
         self.journal = journal
         self.spool = spool
         self.policy = policy or RetryPolicy()
@@ -66,6 +71,7 @@ class Relay:
         self._finishes: list[tuple[str, str, dict[str, Any], asyncio.Future[None]]] = []
         self._finisher: asyncio.Task[None] | None = None
         self._hmac_keys: dict[str, tuple[int, bytes]] = {}
+        self._attempting: dict[asyncio.Task[None], tuple[str, str]] = {}  # task → (delivery id, destination)
 
     # -- control -------------------------------------------------------------------------------
 
@@ -102,6 +108,7 @@ class Relay:
         reset = await self._db(self.journal.reset_in_flight)
         if reset:
             log.info("recovery: %d interrupted deliveries will resume", reset)
+        self.recovered.set()
         await self._report_orphans()
         last_claim: dict[str, float] = {}
         while not self._stopping:
@@ -125,6 +132,7 @@ class Relay:
                 claimed = await self._db(self._claim, name, free, now)
                 for delivery, transfer, signed in claimed:
                     task = asyncio.ensure_future(self._attempt(delivery, transfer, signed))
+                    self._attempting[task] = (delivery.id, name)
                     tasks = self._in_flight.setdefault(name, set())
                     tasks.add(task)
                     task.add_done_callback(functools.partial(self._done, name))
@@ -147,21 +155,29 @@ class Relay:
             except asyncio.TimeoutError:
                 pass
 
+    def quiesce(self) -> None:
+        """Claim nothing more (shutdown begins); attempts in flight go on."""
+        self._stopping = True
+        self.wake()
+
     async def stop(self, grace: float) -> None:
         """Stop claiming; let attempts in flight finish for ``grace`` seconds, then cancel them.
 
-        A cancelled attempt stays ``sending`` in the journal and resumes at the next start.
+        Cancelled attempts are checkpointed: put back to ``pending`` (due at once) in the journal,
+        so they resume at the next start from the temp file the destination kept. If even that
+        write fails they stay ``sending``, which the next start's recovery resets the same way.
         """
-        self._stopping = True
-        self.wake()
+        self.quiesce()
         tasks = [t for ts in self._in_flight.values() for t in ts]
         if tasks:
             log.info("relay: waiting up to %.0fs for %d delivery attempt(s)", grace, len(tasks))
             _, pending = await asyncio.wait(tasks, timeout=grace)
+            interrupted = [self._attempting[t] for t in pending if t in self._attempting]
             for t in pending:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+            await self._checkpoint(interrupted)
         for _, dest in self._destinations.values():
             try:
                 await dest.close()
@@ -170,8 +186,29 @@ class Relay:
 
     # -- one attempt ---------------------------------------------------------------------------
 
+    async def _checkpoint(self, interrupted: list[tuple[str, str]]) -> None:
+        """Record interrupted attempts (delivery id, destination) as ``pending``; an attempt whose
+        outcome was written before it was cancelled keeps that outcome."""
+        if not interrupted:
+            return
+        if self._finisher is not None and not self._finisher.done():
+            await asyncio.wait([self._finisher], timeout=5)
+        ids = [i for i, _ in interrupted]
+        try:
+            done = await self._db(self.journal.checkpoint_sending, ids, time.time(),
+                                  "interrupted by shutdown; resumes at the next start")
+        except Exception as exc:  # noqa: BLE001 - recovery at the next start does the same
+            log.error("relay: cannot checkpoint %d interrupted deliveries (they resume anyway): %s", len(ids), exc)
+            return
+        if self.metrics is not None:
+            for i, dest in interrupted:
+                if i in done:
+                    self.metrics.delivery(dest, "interrupted")
+        log.info("relay: checkpointed %d interrupted delivery attempt(s) as pending: %s", len(done), " ".join(done))
+
     def _done(self, name: str, task: asyncio.Task[None]) -> None:
         self._in_flight.get(name, set()).discard(task)
+        self._attempting.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task crashed: %r", task.exception())
         self.wake()
@@ -225,7 +262,8 @@ class Relay:
         ctx = f"delivery={d.id} transfer={t.id} dest={d.destination} attempt={d.attempts}"
         if d.destination not in self.config.destinations:
             await self._finish(d.id, "failed", last_error="destination no longer configured")
-            log.error("delivery failed %s: destination no longer configured", ctx)
+            self._count(d.destination, "failed")
+            log.error("delivery failed %s: destination no longer configured", ctx, extra=_event(d, t, "failure"))
             return
         if signed is not None:
             m = signed.manifest
@@ -256,9 +294,15 @@ class Relay:
         await self._finish(d.id, "delivered", remote_path=outcome.remote_path,
                        verified=outcome.verified, remote_digest=outcome.remote_digest,
                        bytes_sent=outcome.bytes_sent, last_error=outcome.note or None, receipt=outcome.receipt)
-        log.info("delivered %s path=%s verified=%s bytes_sent=%d resumed_from=%d in %.2fs%s", ctx,
+        elapsed = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.delivery(d.destination, "delivered", size=t.size, sent=outcome.bytes_sent, seconds=elapsed)
+        phases = (f" (upload {outcome.upload_s:.2f}s, verify {outcome.verify_s:.2f}s)"
+                  if outcome.upload_s is not None and outcome.verify_s is not None else "")
+        log.info("delivered %s path=%s verified=%s bytes_sent=%d resumed_from=%d in %.2fs%s%s", ctx,
                  outcome.remote_path, outcome.verified, outcome.bytes_sent, outcome.resumed_from,
-                 time.monotonic() - started, f" note={outcome.note}" if outcome.note else "")
+                 elapsed, phases, f" note={outcome.note}" if outcome.note else "",
+                 extra={**_event(d, t, "success"), "event.duration": int(elapsed * 1e9)})
 
     async def _failed(self, d: Delivery, t: Transfer, ctx: str, error: str, retryable: bool) -> None:
         dest_cfg = self.config.destinations.get(d.destination)  # may be gone after a reload
@@ -274,11 +318,18 @@ class Relay:
             delay = policy.delay(d.attempts)
             await self._finish(d.id, "retry_wait", last_error=error,
                            next_attempt_at=time.time() + delay)
-            log.warning("delivery attempt failed %s: %s; retry in %.1fs", ctx, error, delay)
+            self._count(d.destination, "retry")
+            log.warning("delivery attempt failed %s: %s; retry in %.1fs", ctx, error, delay,
+                        extra=_event(d, t, "failure"))
         else:
             why = "not retryable" if not retryable else "retries exhausted"
             await self._finish(d.id, "failed", last_error=error)
-            log.error("delivery failed %s (%s): %s", ctx, why, error)
+            self._count(d.destination, "failed")
+            log.error("delivery failed %s (%s): %s", ctx, why, error, extra=_event(d, t, "failure"))
+
+    def _count(self, destination: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.delivery(destination, result)
 
     async def _finish(self, delivery_id: str, state: str, **fields: Any) -> None:
         """Record an outcome; outcomes arriving while a journal commit runs share the next one."""
@@ -305,6 +356,13 @@ class Relay:
     @staticmethod
     async def _db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+
+def _event(d: Delivery, t: Transfer, outcome: str) -> dict[str, Any]:
+    """ECS-style fields of a delivery log line (used by ``--log-format json``)."""
+    return {"event.action": "delivery", "event.category": "file", "event.outcome": outcome,
+            "relayd.delivery_id": d.id, "relayd.transfer_id": t.id, "relayd.destination": d.destination,
+            "relayd.tenant": t.tenant}
 
 
 def _epoch(rfc3339: str) -> float:

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[2] / "relayd"
 # Layer of each module (prefix match, most specific first); a module may import only its own
 # layer or lower ones.
 LAYERS = [
-    ("relayd.cli", 9), ("relayd.demo", 8), ("relayd.daemon", 8),
+    ("relayd.cli", 9), ("relayd.admin", 9), ("relayd.demo", 8), ("relayd.daemon", 8),
     ("relayd.gateway", 6), ("relayd.ingest", 6), ("relayd.relay", 6),
     ("relayd.spool", 5), ("relayd.journal", 4), ("relayd.integrity", 3),
     ("relayd.policy", 2), ("relayd.audit", 2), ("relayd.metrics", 2),
