@@ -4,7 +4,8 @@ One ``relayd serve`` on 127.0.0.1 with one tenant and one drop folder (``after: 
 default, pattern ``**``). Per run:
 
 * **anchor**: ``cp -r`` of the N files (random content, made once) into an empty folder on the
-  same file system — the plain copy the legacy system itself would do, no fsync;
+  same file system — the plain copy the legacy system itself would do, no fsync (an untimed
+  ``sync`` before each measured copy keeps earlier write-back out of both figures);
 * **relayd**: the same ``cp -r`` into the drop folder; the clock runs from the start of ``cp``
   until the last of the N files is committed (visible in the tenant's inbox, which happens only
   after its journal commit). Afterwards the journal must hold exactly N transfers with source
@@ -82,7 +83,9 @@ def _count(folder: Path) -> int:
 
 
 def _cp(src: Path, dest: Path) -> float:
-    """``cp -r src/. dest``; its wall time."""
+    """``cp -r src/. dest``; its wall time (after an untimed ``sync``, so that neither side pays
+    for the other's write-back)."""
+    os.sync()
     t0 = time.perf_counter()
     subprocess.run(["cp", "-r", f"{src}/.", str(dest)], check=True)
     return time.perf_counter() - t0
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         peak.append(_rss_kib(proc.pid))
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
+                os.sync()
                 t0 = time.perf_counter()
                 drop_cp = _cp(src, drop)
                 deadline = time.monotonic() + args.timeout

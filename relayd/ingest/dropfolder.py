@@ -17,95 +17,37 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import stat
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterable, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
-from relayd.config import Config, ConfigError, DropFolderConfig
+from relayd.config import Config, DropFolderConfig
 from relayd.gateway.quota import QuotaExceeded, TenantUsage
 from relayd.ingest import worker
 from relayd.ingest.rules import Ident, Look, Selector, Tracker
+from relayd.ingest.watch import Watcher
 from relayd.ingest.worker import FolderIO, Outcome, ScanResult
 from relayd.spool import Spool
 
-__all__ = ["DropFolders", "check_dropfolders", "WORKERS", "PRESENCE_EVERY"]
+__all__ = ["DropFolders", "WORKERS", "PRESENCE_EVERY"]
 
 log = logging.getLogger("relayd.ingest")
 
 WORKERS = 6
 """Threads doing drop-folder I/O (scans, looks, takes)."""
 BATCHES = 4
-"""Batches of files being taken at once (each commits file by file, then removes the originals
-and fsyncs their folders once)."""
+"""Batches of files being taken at once. Each is one group commit (:meth:`relayd.spool.Spool.commit_many`:
+one journal transaction, one fsync per folder), then the removal of its originals."""
 BATCH = 64
+"""Files per batch at most."""
 PROBE_BATCH = 512
 PRESENCE_EVERY = 1.0
 """Seconds between checks that each folder is still there (and is still the same folder)."""
-WATCHDOG_TIMEOUT = 10.0
-"""Longest wait for watchdog to add or remove a watch or to stop (its calls join its threads
-without a timeout, so they run in throwaway threads: a stuck one never blocks relayd)."""
 
 T = TypeVar("T")
-
-
-def check_dropfolders(config: Config, known: Iterable[Path] = ()) -> None:
-    """What only the running host can tell: every drop folder (and move target) exists and no two
-    folders overlap once symlinks are resolved. Raises :class:`ConfigError` (exit code 2).
-
-    Folders in ``known`` (already watched; on reload) may be missing: that is an alert, not a
-    config error.
-    """
-    errors: list[str] = []
-    skip = set(known)
-    reals: list[tuple[str, str]] = []
-    for i, d in enumerate(config.dropfolders):
-        key = f"dropfolders[{i}]"
-        checks = [(f"{key}.path", d.path, "folder")]
-        if d.move_to is not None:
-            checks.append((f"{key}.after", d.move_to, "move target"))
-        for where, path, what in checks:
-            if path in skip and what == "folder":
-                continue
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                errors.append(f"{where}: {what} does not exist: {path}")
-                continue
-            except OSError as exc:
-                errors.append(f"{where}: cannot access {what} {path}: {exc.strerror or exc}")
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                errors.append(f"{where}: {what} {path} is not a folder")
-            elif what == "folder":
-                reals.append((f"{key}.path", os.path.realpath(path)))
-    for i, (key, real) in enumerate(reals):
-        for other_key, other in reals[:i]:
-            if real == other or real.startswith(other + "/") or other.startswith(real + "/"):
-                errors.append(f"{key}: resolves to {real}, which overlaps {other_key} ({other})")
-    if errors:
-        raise ConfigError(errors)
-
-
-_KINDS: dict[type, str] = {}
-
-
-def _event_kinds() -> dict[type, str]:
-    """watchdog event class → our event kind (imported lazily: watchdog starts no thread)."""
-    if not _KINDS:
-        from watchdog import events as e
-
-        _KINDS.update({e.FileCreatedEvent: "created", e.FileModifiedEvent: "modified", e.FileClosedEvent: "closed",
-                       e.FileMovedEvent: "moved", e.FileDeletedEvent: "deleted", e.DirCreatedEvent: "dir_created",
-                       e.DirMovedEvent: "dir_moved", e.DirDeletedEvent: "dir_deleted"})
-        lost = getattr(e, "EventsLostEvent", None)
-        if lost is not None:
-            _KINDS[lost] = "lost"
-    return _KINDS
 
 
 class _Folder:
@@ -163,7 +105,7 @@ class DropFolders:
         self._batches = 0
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="relayd-ingest")
-        self._observer: Any = None
+        self._watcher = Watcher()
         self._main: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -205,7 +147,11 @@ class DropFolders:
         """Stop watching; let batches being taken finish (each file is committed whole or not at
         all), up to ``grace`` seconds; then stop the worker threads."""
         self._stop.set()
+        self._wake.set()
         if self._main is not None:
+            # The loop ends on the stop flag: a cancel alone can be lost in asyncio.wait_for when
+            # the wake-up fires at the same moment (CPython gh-86296), so it is only the fallback.
+            await asyncio.wait([self._main], timeout=5)
             self._main.cancel()
             await asyncio.gather(self._main, return_exceptions=True)
         if self._taking:
@@ -213,8 +159,7 @@ class DropFolders:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._observer is not None:
-            await self._watchdog("stop watching", _stop_observer, self._observer)
+        await self._watcher.close()
         # Workers see the stop flag between files and chunks: they end promptly.
         await asyncio.get_running_loop().run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
         if self._folders:
@@ -238,35 +183,6 @@ class DropFolders:
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking ``fn(*args)`` in a drop-folder worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
-
-    async def _watchdog(self, what: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T | None:
-        """Call watchdog in a throwaway daemon thread; None (logged) if it does not return within
-        :data:`WATCHDOG_TIMEOUT`. Its exceptions are raised here."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-
-        def resolve(result: Any, exc: BaseException | None) -> None:
-            if fut.done():
-                return
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-
-        def call() -> None:
-            try:
-                result = fn(*args, **kw)
-            except BaseException as exc:  # noqa: BLE001 - handed to the loop
-                loop.call_soon_threadsafe(resolve, None, exc)
-            else:
-                loop.call_soon_threadsafe(resolve, result, None)
-        threading.Thread(target=call, name="relayd-watchdog-call", daemon=True).start()
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), WATCHDOG_TIMEOUT)
-        except asyncio.TimeoutError:
-            log.warning("dropfolders: watchdog did not %s within %.0fs; going on without waiting", what,
-                        WATCHDOG_TIMEOUT)
-            return None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], taking: bool = False) -> None:
         task = asyncio.ensure_future(coro)
@@ -292,54 +208,23 @@ class DropFolders:
             except RuntimeError:  # loop closed while stopping
                 pass
 
-    def _get_observer(self) -> Any:
-        if self._observer is None:
-            try:
-                from watchdog.observers.inotify import InotifyObserver
-
-                observer: Any = InotifyObserver(generate_full_events=True)
-            except Exception:  # noqa: BLE001 - not Linux: the platform's default observer
-                from watchdog.observers import Observer
-
-                observer = Observer()
-            observer.daemon = True
-            observer.start()
-            self._observer = observer
-        return self._observer
-
     async def _watch(self, f: _Folder) -> None:
         assert f.io is not None
-        if "dropfolder-no-events" in worker._FAULTS:
+        if "dropfolder-no-events" in worker.FAULTS:
             return
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-
-        push, token, kinds = self._push, f.token, _event_kinds()
-
-        class Handler(FileSystemEventHandler):
-            def dispatch(self, event: FileSystemEvent) -> None:
-                kind = kinds.get(type(event))
-                if kind is not None:
-                    push(token, kind, os.fsdecode(event.src_path), os.fsdecode(event.dest_path or ""))
-
         try:
-            observer = await self._watchdog("start", self._get_observer)
-            if observer is not None:
-                f.watch = await self._watchdog("add a watch", observer.schedule, Handler(), f.io.root,
-                                               recursive=f.cfg.recursive, event_filter=list(kinds))
+            f.watch = await self._watcher.add(f.io.root, f.cfg.recursive, self._push, f.token)
         except OSError as exc:
             log.error("dropfolder=%s: cannot watch for events (%s); relying on a rescan every %.0fs",
                       f.name, exc.strerror or exc, f.cfg.rescan)
 
     async def _unwatch(self, watch: Any) -> None:
-        try:
-            await self._watchdog("remove a watch", self._observer.unschedule, watch)
-        except (KeyError, ValueError, OSError):
-            pass
+        await self._watcher.remove(watch)
 
     # -- the loop --------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             self._wake.clear()
             self._signaled = False
             now = time.monotonic()
@@ -590,6 +475,10 @@ class DropFolders:
         out: list[tuple[Look, Ident]] = []
         while f.ready and len(out) < BATCH:
             look, ident = f.ready.popleft()
+            c = f.tracker.get(look.rel)
+            if c is None or c.gen != look.gen:  # an event since it was found settled: look again
+                f.tracker.release(look)
+                continue
             key = (f.io.root, look.rel)
             if key in self._claimed:
                 f.tracker.retry(look, now, 1.0)
@@ -678,11 +567,6 @@ def _prune_and_scan(io: FolderIO, sel: Selector) -> ScanResult:
     if pruned:
         log.info("dropfolder=%s: dropped %d stale dedup record(s)", io.root, pruned)
     return worker.scan(io, sel)
-
-
-def _stop_observer(observer: Any) -> None:
-    observer.stop()
-    observer.join(timeout=10)
 
 
 def _report_crash(task: "asyncio.Task[None]") -> None:

@@ -138,6 +138,9 @@ class Tracker:
         self._cands: dict[str, Candidate] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
+        self._gens = itertools.count(1)
+        """Generations are unique across candidates: a look at a forgotten candidate can never
+        match a new one at the same path."""
 
     def __len__(self) -> int:
         return len(self._cands)
@@ -168,7 +171,7 @@ class Tracker:
         if c is None:
             c = self._cands[rel] = Candidate(since=now)
         c.since, c.closed, c.ident, c.failures, c.not_before = now, closed, None, 0, 0.0
-        c.gen += 1
+        c.gen = next(self._gens)
         self._push(rel, c)
 
     def observe(self, rel: str, ident: Ident, now: float) -> None:
@@ -176,18 +179,18 @@ class Tracker:
         baseline differs starts over (a change no event told of)."""
         c = self._cands.get(rel)
         if c is None:
-            c = self._cands[rel] = Candidate(since=now, ident=ident)
+            c = self._cands[rel] = Candidate(since=now, ident=ident, gen=next(self._gens))
             self._push(rel, c)
         elif not c.busy and not c.closed and c.ident is not None and not same_version(c.ident, ident):
             c.since, c.ident = now, ident
-            c.gen += 1
+            c.gen = next(self._gens)
             self._push(rel, c)
 
     def forget(self, rel: str) -> None:
         """``rel`` is gone (deleted, moved away)."""
         c = self._cands.pop(rel, None)
         if c is not None:
-            c.gen += 1
+            c.gen = next(self._gens)
 
     def forget_under(self, prefix: str) -> None:
         """Everything in folder ``prefix`` (relative, no trailing ``/``) is gone."""
@@ -198,7 +201,7 @@ class Tracker:
     def clear(self) -> None:
         """Forget everything (the folder went away)."""
         for c in self._cands.values():
-            c.gen += 1
+            c.gen = next(self._gens)
         self._cands.clear()
         self._heap.clear()
 
@@ -257,7 +260,7 @@ class Tracker:
             return
         if c.gen == look.gen:
             c.since, c.ident, c.closed = now, None, False
-            c.gen += 1
+            c.gen = next(self._gens)
         self._push(look.rel, c)
 
     def retry(self, look: Look, now: float, cap: float) -> float:

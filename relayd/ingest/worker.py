@@ -45,7 +45,8 @@ DROP_USER = "dropfolder"
 """The ``user`` of every transfer taken from a drop folder (its ``source`` names the folder)."""
 
 _CHUNK = 1 << 20
-_FAULTS = frozenset(os.environ.get("RELAYD_FAULTS", "").split(","))
+_buffers = threading.local()
+FAULTS = frozenset(os.environ.get("RELAYD_FAULTS", "").split(","))
 """Fault injection for tests only: ``dropfolder-read-pause`` pauses 1.5s after the first chunk
 of each file read (so a test can remove or change it mid-read); ``dropfolder-no-events`` (used by
 :mod:`relayd.ingest.dropfolder`) watches without events, by rescans only."""
@@ -436,7 +437,9 @@ def _stream(io: FolderIO, rel: str, fd: int, out: int | None, original: bool = T
     """SHA-256 and length of the file at ``fd`` (from offset 0), copied to ``out`` if given.
     ``original``: ``fd`` is the dropped file (not a copy of it being verified)."""
     h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:  # one per worker thread: no 1 MiB allocation per small file
+        buf = _buffers.buf = bytearray(_CHUNK)
     view = memoryview(buf)
     pos = 0
     while True:
@@ -450,7 +453,7 @@ def _stream(io: FolderIO, rel: str, fd: int, out: int | None, original: bool = T
             written = 0
             while written < n:
                 written += os.pwrite(out, view[written:n], pos + written)
-        if pos == 0 and original and "dropfolder-read-pause" in _FAULTS:
+        if pos == 0 and original and "dropfolder-read-pause" in FAULTS:
             log.warning("fault dropfolder-read-pause: paused reading dropfolder=%s path=%s", io.root, rel)
             time.sleep(1.5)
         pos += n
@@ -492,6 +495,10 @@ def _finalize(io: FolderIO, items: Sequence[tuple[str, os.stat_result, str, str]
         if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (st.st_dev, st.st_ino, st.st_size,
                                                                        st.st_mtime_ns):
             errors[rel] = "the original changed after its commit; left in place, it will be taken again"
+            if io.cfg.after == "delete" and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                log.error("dropfolder=%s path=%s: written to after it settled and was committed as transfer=%s; "
+                          "the spool object is a hard link to it and may no longer match its digest (a writer "
+                          "pausing longer than settle?)", io.root, rel, tid)
             continue
         try:
             if io.cfg.after == "move":

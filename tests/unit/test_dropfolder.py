@@ -153,6 +153,16 @@ def test_a_write_during_a_look_makes_its_result_stale() -> None:
     assert t.due(1.1 + CLOSE_QUIET, 10)
 
 
+def test_a_look_at_a_forgotten_file_never_applies_to_a_new_one_at_that_path() -> None:
+    t = Tracker(settle=1.0)
+    t.event("a", 0.0, closed=True)
+    [look] = t.due(1.0, 10)
+    t.forget("a")                                # deleted while looked at...
+    t.event("a", 1.1, closed=True)               # ...and a new file of that name
+    assert not t.finished(look)                  # the old result does not forget the new file
+    assert [x.rel for x in t.due(1.1 + CLOSE_QUIET, 10)] == ["a"]
+
+
 def test_scan_sees_a_change_no_event_reported() -> None:
     t = Tracker(settle=1.0)
     t.observe("a", (1, 1, 1, 1), 0.0)
