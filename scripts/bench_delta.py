@@ -60,7 +60,8 @@ def _epoch(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339).timestamp()
 
 
-def _rss_kib(pid: int) -> int:
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` in KiB (0 if it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -77,13 +78,13 @@ class PeakRss(threading.Thread):
     def __init__(self, pids: list[int]) -> None:
         super().__init__(daemon=True)
         self.pids = pids
-        self.peak = {p: _rss_kib(p) for p in pids}
+        self.peak = {p: rss_kib(p) for p in pids}
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.wait(0.02):
             for p in self.pids:
-                self.peak[p] = max(self.peak[p], _rss_kib(p))
+                self.peak[p] = max(self.peak[p], rss_kib(p))
 
     def stop(self) -> dict[int, int]:
         self._halt.set()

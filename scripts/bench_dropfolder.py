@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from bench_delta import rss_kib  # scripts/bench_delta.py
 from tests.sshd import free_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -53,17 +54,6 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
     fields = data[data.rfind(b")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _make_files(folder: Path, count: int, size: int) -> None:
@@ -148,12 +138,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cp_secs = _cp(src, anchor)
                 shutil.rmtree(anchor)
                 before = _count(inbox)
-                cpu0, peak = _cpu_seconds(proc.pid), [_rss_kib(proc.pid)]
+                cpu0, peak = _cpu_seconds(proc.pid), [rss_kib(proc.pid)]
                 stop = threading.Event()
 
                 def sample() -> None:
                     while not stop.wait(0.1):
-                        peak.append(_rss_kib(proc.pid))
+                        peak.append(rss_kib(proc.pid))
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
                 os.sync()
