@@ -321,14 +321,33 @@ class Spool:
         return purged, inbox_bytes, inbox_files
 
     def recover(self, tenants: Iterable[str]) -> dict[str, int]:
-        """Crash recovery: drop partial uploads and objects whose commit never reached the journal."""
-        partial = orphans = 0
+        """Crash recovery: drop partial uploads and objects whose commit never reached the journal,
+        and finish the publication of commits that reached it but not the inbox.
+
+        A staging file that is a hard link of a committed object was cut off between the journal
+        commit and the rename into the inbox: it is renamed into place now (if its transfer is
+        still the newest of that path), so the inbox shows every committed file.
+        """
+        partial = orphans = republished = 0
         for tenant in tenants:
             d = self.ensure_tenant(tenant)
+            known = self.journal.object_names(tenant)
+            by_inode: dict[tuple[int, int], str] | None = None
             for entry in os.scandir(d.incoming):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    if by_inode is None:
+                        by_inode = {}
+                        for obj in os.scandir(d.objects):
+                            if obj.name in known:
+                                ost = obj.stat(follow_symlinks=False)
+                                by_inode[(ost.st_dev, ost.st_ino)] = obj.name
+                    name = by_inode.get((st.st_dev, st.st_ino))
+                    if name is not None and self._republish(tenant, d, name, Path(entry.path)):
+                        republished += 1
+                        continue
                 _unlink_quiet(Path(entry.path))
                 partial += 1
-            known = self.journal.object_names(tenant)
             for entry in os.scandir(d.objects):
                 if entry.name not in known:
                     _unlink_quiet(Path(entry.path))
@@ -338,7 +357,41 @@ class Spool:
                 fsync_dir(d.objects)
         if partial or orphans:
             log.warning("recovery: removed %d partial upload(s) and %d uncommitted object(s)", partial, orphans)
-        return {"partial_uploads": partial, "orphan_objects": orphans}
+        if republished:
+            log.warning("recovery: published %d committed file(s) whose rename into the inbox was cut off",
+                        republished)
+        return {"partial_uploads": partial, "orphan_objects": orphans, "republished": republished}
+
+    def _republish(self, tenant: str, d: TenantDirs, object_name: str, staging: Path) -> bool:
+        """Rename ``staging`` (a link of committed ``object_name``) to its transfer's inbox path."""
+        transfer = self.journal.get_transfer(object_name)  # objects are named by their transfer id
+        if transfer is None or transfer.object != object_name or transfer.tenant != tenant \
+                or transfer.state != "committed":
+            return False
+        newest = self.journal.latest_transfer(tenant, transfer.path)
+        if newest is None or newest.id != transfer.id:
+            return False  # a later upload of the same path owns the name now
+        parts = [p for p in transfer.path.split("/") if p]
+        if not parts or any(p in (".", "..") for p in parts):
+            return False
+        parent = d.inbox
+        for part in parts[:-1]:
+            parent = parent / part
+            try:
+                if not stat.S_ISDIR(os.lstat(parent).st_mode):
+                    return False
+            except FileNotFoundError:
+                return False
+        target = parent / parts[-1]
+        try:
+            if not stat.S_ISREG(os.lstat(target).st_mode):
+                return False
+        except FileNotFoundError:
+            pass
+        os.rename(staging, target)
+        fsync_dir(parent)
+        log.info("recovery: published transfer=%s tenant=%s path=%s", transfer.id, tenant, transfer.path)
+        return True
 
 
 def scan_usage(inbox: Path) -> tuple[int, int]:
