@@ -390,7 +390,7 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
         ours, theirs = r["relayd"], r["rsync"]
         wire = ours["wire"] / max(1, theirs["wire"])
         secs = ours["seconds"] / max(1e-9, theirs["seconds"])
-        goals = {"time": secs <= (1.0 if case == "new-data" else GOAL_TIME),
+        goals = {"time": secs < 1.0 if case == "new-data" else secs <= GOAL_TIME,
                  "rss": max(ours["rss_sender_mb"], ours["rss_receiver_mb"]) < GOAL_RSS_MB}
         if case != "new-data":
             goals["wire"] = wire <= (GOAL_WIRE_REPEAT if case == "edits-again" else GOAL_WIRE_FIRST)

@@ -71,6 +71,8 @@ SIG_MAGIC = b"RDSG"
 SIG_VERSION = 1
 WEAK_K = 0x9E3779B1
 ZSTD_LEVEL = 1
+_SAMPLE = 64 * 1024
+"""Bytes of a frame body tried first: the rest is compressed only if they compress."""
 
 _SIG_HEADER = struct.Struct("<4sBBBBIQQ")
 _ENTRY_BYTES = 8                        # signature bytes per block, for choose_block_size
@@ -605,13 +607,17 @@ def _read_varint(buf: bytes | memoryview, i: int) -> tuple[int, int]:
             raise DeltaError("varint too long")
 
 
-def encode_ops(ops: Iterable[Literal | Copy]) -> Iterator[bytes]:
+def encode_ops(ops: Iterable[Literal | Copy], max_body: int = 0) -> Iterator[bytes]:
     """Frame payloads (each at most 4 MiB - 16 bytes) carrying ``ops``; see the module docstring.
 
     Adjacent literals are joined; a frame's body is zstd-compressed when that makes it smaller.
-    Nothing is yielded for no ops.
+    ``max_body`` (bytes, 64 KiB .. the 4 MiB maximum; 0: the maximum) caps a frame's body, e.g.
+    to bound memory and latency when frames are streamed. A large body is compressed only if its
+    first 64 KiB compress by 10% or more (random or already compressed data would cost a whole
+    zstd pass for nothing). Nothing is yielded for no ops.
     """
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+    limit = MAX_BODY if max_body <= 0 else max(64 * 1024, min(max_body, MAX_BODY))
     body = bytearray()
     pending: list[memoryview] = []      # the literal being gathered, written when it ends
     plen = expect = 0
@@ -628,8 +634,12 @@ def encode_ops(ops: Iterable[Literal | Copy]) -> Iterator[bytes]:
     def frame() -> bytes:
         nonlocal body, expect
         close_literal()
-        packed = cctx.compress(body)
-        out = b"\x01" + packed if len(packed) < len(body) else b"\x00" + body
+        out = b"\x00" + body
+        sample = memoryview(body)[:_SAMPLE]
+        if len(body) <= _SAMPLE or len(cctx.compress(sample)) < len(sample) * 0.9:
+            packed = cctx.compress(body)
+            if len(packed) < len(body):
+                out = b"\x01" + packed
         body, expect = bytearray(), 0
         return out
 
@@ -638,7 +648,7 @@ def encode_ops(ops: Iterable[Literal | Copy]) -> Iterator[bytes]:
             if op.index < 0 or op.count < 1:
                 raise DeltaError(f"bad copy {op}")
             close_literal()
-            if len(body) + 24 > MAX_BODY:
+            if len(body) + 24 > limit:
                 yield frame()
             d = op.index - expect
             body += _varint(op.count << 1 | 1)
@@ -648,7 +658,7 @@ def encode_ops(ops: Iterable[Literal | Copy]) -> Iterator[bytes]:
         data = memoryview(op.data).cast("B")
         i = 0
         while i < len(data):
-            room = MAX_BODY - len(body) - plen - 5
+            room = limit - len(body) - plen - 5
             if room < 4096:
                 yield frame()
                 continue

@@ -543,3 +543,14 @@ def test_decode_ops_fuzz() -> None:
                 assert isinstance(op, (Literal, Copy))
         except DeltaError:
             pass
+
+
+def test_max_body_caps_frames_and_round_trips() -> None:
+    rng = random.Random(15)
+    ops: list[Op] = [Literal(rand(rng, 3 << 20)), Copy(7, 2), Literal(b"z" * 300_000)]
+    frames = list(deltalib.encode_ops(ops, 256 * 1024))
+    assert len(frames) >= 12 and all(len(f) <= 256 * 1024 + 1 for f in frames)
+    assert frames[0][0] == 0 and frames[-1][0] == 1           # random raw (sampled), repetitive compressed
+    out = list(deltalib.decode_ops(frames))
+    assert b"".join(o.data for o in out if isinstance(o, Literal)) == ops[0].data + ops[2].data  # type: ignore[union-attr]
+    assert [o for o in out if isinstance(o, Copy)] == [Copy(7, 2)]

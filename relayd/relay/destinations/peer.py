@@ -37,7 +37,9 @@ log = logging.getLogger("relayd.relay.destinations.peer")
 DELTA_MIN = 64 * 1024
 """Files smaller than this are offered whole (a signature would cost more than it saves)."""
 _LITERAL_CHUNK = 256 * 1024
-_QUEUE_FRAMES = 8
+_QUEUE_FRAMES = 4
+_FRAME_BODY = 1024 * 1024
+"""DATA frame body size the sender makes (memory in flight: a few frames)."""
 _DONE = object()
 
 
@@ -163,7 +165,7 @@ class PeerDestination(SftpDestination):
             try:
                 ops = (deltalib.delta(fd, payload.size, sig, stats=stats) if sig is not None
                        else _whole(fd, payload.size, stats))
-                for frame in deltalib.encode_ops(ops):
+                for frame in deltalib.encode_ops(ops, _FRAME_BODY):
                     if stop:
                         return
                     asyncio.run_coroutine_threadsafe(queue.put(frame), loop).result()
