@@ -97,7 +97,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    load_config(args.config)
+    from relayd.ingest.check import check_dropfolders
+
+    config = load_config(args.config)
+    check_dropfolders(config)  # folders must exist on this host, as at start
     print("config OK")
     return 0
 

@@ -201,8 +201,8 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     # the description) because an item is never valid without its required path and tenant.
     "dropfolders": _K("list of mappings", [], "Local or mounted folders whose settled files are committed into a "
                       "tenant's inbox like uploads (docs/dropfolders.md)."),
-    "dropfolders[].path": _K("path", REQUIRED, "The folder to watch; relayd serve refuses to start (exit 2) "
-                             "when it does not exist."),
+    "dropfolders[].path": _K("path", REQUIRED, "The folder to watch; relayd serve refuses to start and "
+                             "check-config fails (exit 2) when it does not exist."),
     "dropfolders[].tenant": _K("tenant name", REQUIRED, "Tenant whose inbox, quota and routes the files get."),
     "dropfolders[].pattern": _K("glob", None, "Files to take, matched against the path inside the folder with "
                                 "the route glob syntax; not set: ** (every file)."),

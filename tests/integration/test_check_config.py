@@ -158,8 +158,15 @@ def _file_keys(data: dict[str, Any]) -> list[tuple[str, str]]:
 def _materialize_example(tmp_path: Path) -> Path:
     """Copy the example next to real files for everything it references."""
     cfg = tmp_path / "relayd.yaml"
-    shutil.copy(EXAMPLE, cfg)
-    data = yaml.safe_load(EXAMPLE.read_text())
+    # The example's drop folders live under /srv/drop; check-config requires them to exist.
+    text = EXAMPLE.read_text().replace("/srv/drop/", f"{tmp_path}/srv/drop/")
+    cfg.write_text(text)
+    data = yaml.safe_load(text)
+    for folder in data.get("dropfolders", []):
+        Path(folder["path"]).mkdir(parents=True, exist_ok=True)
+        after = str(folder.get("after", ""))
+        if after.startswith("move:"):
+            Path(after[5:]).mkdir(parents=True, exist_ok=True)
     for kind, rel in _file_keys(data):
         assert not Path(rel).is_absolute(), f"example file paths should be relative to the config: {rel}"
         p = tmp_path / rel
@@ -196,3 +203,11 @@ def test_example_config_breaks_loudly_when_a_key_is_misspelled(tmp_path: Path) -
     cfg.write_text(cfg.read_text().replace("  max_file_size:", "  max_filesize:", 1))
     [line] = _assert_clean_failure(relayd("check-config", "-c", str(cfg)), 1)
     assert line == "tenants.acme.max_filesize: unknown key (did you mean 'max_file_size'?)"
+
+
+def test_check_config_names_a_missing_drop_folder(tmp_path: Path) -> None:
+    cfg = _materialize_example(tmp_path)
+    shutil.rmtree(tmp_path / "srv" / "drop" / "acme")
+    proc = relayd("check-config", "-c", str(cfg))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "dropfolders[0].path: folder does not exist" in proc.stderr, proc.stderr

@@ -96,7 +96,9 @@ def test_missing_drop_folder_or_move_target_is_a_config_error(tmp_path: Path) ->
     cfg = _config(tmp_path, [{"path": str(tmp_path / "nope"), "tenant": "acme"}])
     path = tmp_path / "relayd.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert relayd("check-config", "-c", str(path)).returncode == 0  # the shape is fine; existence is the host's
+    check = relayd("check-config", "-c", str(path))
+    assert check.returncode == 2 and "Traceback" not in check.stderr
+    assert _error_lines(check.stderr) == [f"dropfolders[0].path: folder does not exist: {tmp_path / 'nope'}"]
     proc = relayd("serve", "-c", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert _error_lines(proc.stderr) == [f"dropfolders[0].path: folder does not exist: {tmp_path / 'nope'}"]
