@@ -215,12 +215,9 @@ def _delivery_summary(deliveries: list[Any]) -> str:
 
 
 def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)  # pragma: no cover
+    from relayd.admin import human_size
+
+    return human_size(n)
 
 
 def _cmd_keys_show(args: argparse.Namespace) -> int:
