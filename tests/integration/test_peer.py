@@ -358,3 +358,26 @@ def test_kill9_mid_transfer_recovers(tmp_path: Path, victim: str) -> None:
             if d.proc.poll() is None:
                 d.proc.kill()
                 d.proc.wait()
+
+
+def test_repeated_offer_of_a_committed_transfer_is_answered_not_committed_again(pair: Pair) -> None:
+    """A sender that crashed after the receiver committed offers the same transfer again: the
+    receiver answers ``have`` with a receipt for its existing commit and commits nothing."""
+    src = pair.tmp / "h.bin"
+    src.write_bytes(_rand(200_000, 9))
+    pair.upload(src, "/h.bin")
+    d = pair.wait_delivered("/h.bin")
+    t = [t for t in pair.sender.transfers() if t["path"] == "/h.bin"][0]
+    doc = json.loads(relayd("manifest", "-c", str(pair.sender.config_path), t["id"], check=True).stdout)
+    before = [x for x in pair.receiver.transfers() if x["path"] == "/acme/h.bin"]
+    assert len(before) == 1
+    hello = encode_json(Frame.HELLO, {"protocol": "relayd-peer", "versions": [1]})
+    got = _raw_peer(pair.receiver.port, pair.peer_key,
+                    [hello, encode_json(Frame.OFFER, {"manifest": doc, "path": "/acme/h.bin", "delta": True})])
+    kinds = [k for k, _ in got]
+    assert kinds == [Frame.HELLO, Frame.ACCEPT, Frame.RECEIPT], got
+    assert json.loads(got[1][1]) == {"mode": "have"}
+    receipt = json.loads(got[2][1])["receipt"]
+    assert receipt["transfer_id"] == before[0]["id"] and receipt["sender_transfer_id"] == t["id"]
+    assert json.loads(d["receipt"])["receipt"]["transfer_id"] == before[0]["id"]  # the sender's stored one
+    assert [x for x in pair.receiver.transfers() if x["path"] == "/acme/h.bin"] == before
