@@ -9,6 +9,7 @@ need quoting left to asyncssh, and host key pinning inside the OpenSSH client.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,11 @@ def test_openssh_client_is_installed() -> None:
 
 def test_large_file_goes_through_openssh(env: DestEnv) -> None:
     p = env.payload("/big/b.bin", size=3 * MIB + 5, seed=1)
+    os.chmod(p.source, 0o444)  # spool objects are read-only; the delivered file must not be
     out, uploads = _deliver(env, p)
     assert uploads == 1 and out.bytes_sent == p.size and out.verified == "sha256"
     assert sha256_file(env.root / "big" / "b.bin") == p.sha256
+    assert (env.root / "big" / "b.bin").stat().st_mode & 0o777 == 0o644
     assert not list(env.root.rglob("*.part"))
     # Below the threshold, and with bulk_client: asyncssh, asyncssh writes it.
     small = env.payload("/big/s.bin", size=MIB - 1, seed=2)
@@ -66,10 +69,12 @@ def test_resume_appends_with_reput(env: DestEnv) -> None:
     partial = MIB + 12345
     temp = Path(temp_name(str(env.root / "r.bin"), p.delivery_id))
     temp.write_bytes(p.source.read_bytes()[:partial])
+    os.chmod(temp, 0o444)  # as an interrupted put of a read-only spool object would leave it
     out, uploads = _deliver(env, p)
     assert uploads == 1
     assert (out.resumed_from, out.bytes_sent) == (partial, p.size - partial)
     assert sha256_file(env.root / "r.bin") == p.sha256 and not temp.exists()
+    assert (env.root / "r.bin").stat().st_mode & 0o777 == 0o644
 
 
 def test_corrupt_prefix_is_caught_then_sent_whole(env: DestEnv) -> None:

@@ -95,14 +95,20 @@ class OpenSSHBulk:
     async def upload(self, local: Path, remote: str, offset: int, size: int) -> int:
         """Write ``local[offset:size]`` to ``remote`` (which holds exactly ``offset`` bytes when
         ``offset > 0``); return the bytes sent. DestinationError (retryable) on failure."""
+        # The spool object is read-only (0444) and put copies the local mode: make the temp file
+        # 0644 like the asyncssh path does, before a resume too (a 0444 file cannot be appended to).
+        chmod = f'chmod 644 "{remote}"\n'
         verb = "reput" if offset else "put"
-        batch = f'{verb} "{local}" "{remote}"\n'.encode()
         self.uploads += 1
+        await self._run_batch((chmod if offset else "") + f'{verb} "{local}" "{remote}"\n' + chmod)
+        return size - offset
+
+    async def _run_batch(self, batch: str) -> None:
         proc = await asyncio.create_subprocess_exec(
             *self.command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, env=_environment())
         try:
-            _, err = await proc.communicate(batch)
+            _, err = await proc.communicate(batch.encode())
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -119,7 +125,6 @@ class OpenSSHBulk:
                                        retryable=True)
             raise DestinationError(f"OpenSSH sftp upload to {self.host}:{self.port} failed: {last[:300]}",
                                    retryable=True)
-        return size - offset
 
 
 def _environment() -> dict[str, str]:
