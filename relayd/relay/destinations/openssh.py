@@ -73,13 +73,14 @@ class OpenSSHBulk:
     def command(self) -> list[str]:
         """The ``sftp`` command line (the batch comes on stdin).
 
-        Wrapped in ``setpriv --pdeathsig KILL`` where available, so a client never outlives a
-        relayd that was killed (its restarted self resumes the temp file alone).
+        No wrapper to tie the client's life to relayd's (``setpriv --pdeathsig`` calls
+        ``capset``, which the unit's system call filter forbids): relayd kills the client when an
+        attempt is cancelled, systemd kills the whole unit's cgroup when relayd dies, and a client
+        that outlives a ``kill -9`` elsewhere only writes the same bytes at the same offsets as
+        the resumed attempt, which is verified before its rename.
         """
         host = f"[{self.host}]" if ":" in self.host else self.host
-        setpriv = shutil.which("setpriv")
         return [
-            *([setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []),
             self.program, "-b", "-", "-F", "/dev/null", "-P", str(self.port), "-i", str(self.identity),
             "-B", str(self.block_size), "-R", str(self.requests),
             "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
