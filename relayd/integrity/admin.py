@@ -148,6 +148,30 @@ def _load_keys(pubkeys: Sequence[Path], keys_dir: Path | None) -> dict[str, Ed25
     return keys
 
 
+
+class _Failed(Exception):
+    """Carries the one-line FAIL result of :func:`verify`/:func:`verify_receipt_file`."""
+
+    def __init__(self, result: tuple[bool, str]) -> None:
+        super().__init__(result[1])
+        self.result = result
+
+
+def _document_and_keys(path: Path, what: str, pubkeys: Sequence[Path],
+                       keys_dir: Path | None) -> tuple[bytes, dict[str, Ed25519PublicKey]]:
+    """A signed document's bytes and the public keys to check it with; :class:`_Failed` otherwise."""
+    try:
+        data = _read_sidecar(path)
+    except VerifyError as e:
+        raise _Failed(_fail(e.reason, e.detail)) from None
+    except OSError as e:
+        raise _Failed(_fail("unreadable", f"{what} {path}: {e.strerror or e}")) from None
+    try:
+        return data, _load_keys(pubkeys, keys_dir)
+    except SigningKeyError as e:
+        raise _Failed(_fail("unreadable", str(e))) from None
+
+
 def verify(file: Path, manifest: Path | None = None, pubkeys: Sequence[Path] = (), keys_dir: Path | None = None,
            hmac_key_file: Path | None = None) -> tuple[bool, str]:
     """Check ``file`` against its signed manifest; ``(ok, the one line to print)``.
@@ -160,15 +184,9 @@ def verify(file: Path, manifest: Path | None = None, pubkeys: Sequence[Path] = (
     file = Path(file)
     manifest_path = Path(manifest) if manifest is not None else Path(str(file) + SIDECAR_SUFFIX)
     try:
-        data = _read_sidecar(manifest_path)
-    except VerifyError as e:
-        return _fail(e.reason, e.detail)
-    except OSError as e:
-        return _fail("unreadable", f"manifest {manifest_path}: {e.strerror or e}")
-    try:
-        keys = _load_keys(pubkeys, keys_dir)
-    except SigningKeyError as e:
-        return _fail("unreadable", str(e))
+        data, keys = _document_and_keys(manifest_path, "manifest", pubkeys, keys_dir)
+    except _Failed as f:
+        return f.result
     hmac_key = None
     if hmac_key_file is not None:
         try:
@@ -197,15 +215,9 @@ def verify_receipt_file(receipt: Path, file: Path | None = None, pubkeys: Sequen
     from relayd.integrity.receipt import verify_receipt
 
     try:
-        data = _read_sidecar(Path(receipt))
-    except VerifyError as e:
-        return _fail(e.reason, e.detail)
-    except OSError as e:
-        return _fail("unreadable", f"receipt {receipt}: {e.strerror or e}")
-    try:
-        keys = _load_keys(pubkeys, keys_dir)
-    except SigningKeyError as e:
-        return _fail("unreadable", str(e))
+        data, keys = _document_and_keys(Path(receipt), "receipt", pubkeys, keys_dir)
+    except _Failed as f:
+        return f.result
     try:
         doc = verify_receipt(data, keys)
     except VerifyError as e:

@@ -81,17 +81,19 @@ def test_sftp_without_exec_tries_one_command_per_file(sftp_only_remote: Remote, 
     assert run(body()) == ["sha256sum"]
 
 
-def test_concurrent_digests_share_execs(remote: Remote, tmp_path: Path) -> None:
-    """Forty deliveries at once: every file verified by SHA-256, with far fewer execs than files."""
+def _many_at_once(remote: Remote, tmp_path: Path, prefix: str, seed: int,
+                  readback_max: int | None = None) -> tuple[list[str], int]:
+    """Deliver 40 small files at once; (verification methods, execs). Checks every delivered file."""
     root = tmp_path / "dest"
     root.mkdir()
     env = DestEnv(kind="sftp", tmp=tmp_path, root=root, remote=remote)
-    payloads = [env.payload(f"/many/f{k:02d}.bin", size=3000 + k, seed=100 + k) for k in range(40)]
+    payloads = [env.payload(f"/{prefix}/f{k:02d}.bin", size=3000 + k, seed=seed + k) for k in range(40)]
 
     async def body() -> tuple[list[str], int]:
         dest = env.make()
         assert isinstance(dest, SftpDestination)
-        dest.readback_max = 0
+        if readback_max is not None:
+            dest.readback_max = readback_max
         try:
             outs = await asyncio.gather(*(dest.deliver(p) for p in payloads))
             return [o.verified for o in outs], dest.digests.execs
@@ -99,10 +101,16 @@ def test_concurrent_digests_share_execs(remote: Remote, tmp_path: Path) -> None:
             await dest.close()
 
     verified, execs = run(body())
-    assert verified == ["sha256"] * 40
-    assert execs < 20, execs
     for p in payloads:
         assert sha256_file(root / p.path.lstrip("/")) == p.sha256
+    return verified, execs
+
+
+def test_concurrent_digests_share_execs(remote: Remote, tmp_path: Path) -> None:
+    """Forty deliveries at once, read-back off: every file verified by SHA-256, few execs."""
+    verified, execs = _many_at_once(remote, tmp_path, "many", 100, readback_max=0)
+    assert verified == ["sha256"] * 40
+    assert execs < 20, execs
 
 
 def test_small_files_verified_by_reading_back(remote: Remote, tmp_path: Path) -> None:
@@ -129,22 +137,6 @@ def test_small_files_verified_by_reading_back(remote: Remote, tmp_path: Path) ->
 
 def test_busy_destination_batches_small_file_digests(remote: Remote, tmp_path: Path) -> None:
     """Many small deliveries at once: hashed by a few batched execs instead of read back one by one."""
-    root = tmp_path / "dest"
-    root.mkdir()
-    env = DestEnv(kind="sftp", tmp=tmp_path, root=root, remote=remote)
-    payloads = [env.payload(f"/busy/f{k:02d}.bin", size=5000 + k, seed=500 + k) for k in range(40)]
-
-    async def body() -> tuple[list[str], int]:
-        dest = env.make()
-        assert isinstance(dest, SftpDestination)
-        try:
-            outs = await asyncio.gather(*(dest.deliver(p) for p in payloads))
-            return [o.verified for o in outs], dest.digests.execs
-        finally:
-            await dest.close()
-
-    verified, execs = run(body())
+    verified, execs = _many_at_once(remote, tmp_path, "busy", 500)
     assert verified == ["sha256"] * 40
     assert 0 < execs < 20, execs
-    for p in payloads:
-        assert sha256_file(root / p.path.lstrip("/")) == p.sha256

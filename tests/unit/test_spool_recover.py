@@ -22,6 +22,16 @@ def _stage(spool: Spool, data: bytes) -> Path:
     return path
 
 
+def _commit_cut_before_rename(spool: Spool, req: CommitRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a commit that dies right after the journal commit (at the rename into the inbox)."""
+    def die(a: object, b: object) -> None:
+        raise Cut()
+    monkeypatch.setattr("relayd.spool.os.rename", die)
+    with pytest.raises(Cut):
+        spool.commit(req)
+    monkeypatch.undo()
+
+
 def _request(spool: Spool, src: Path, vpath: str, size: int) -> CommitRequest:
     target = spool.dirs("acme").inbox / vpath.lstrip("/")
     return CommitRequest(tenant="acme", user="u", source="test", path=vpath, src=src, publish_to=target, size=size)
@@ -36,12 +46,7 @@ def test_commit_cut_before_the_inbox_rename_is_published_at_recovery(tmp_path: P
     kept = _stage(spool, b"partial upload, never committed")
     src = _stage(spool, b"committed data")
 
-    def die(a: object, b: object) -> None:
-        raise Cut()
-    monkeypatch.setattr("relayd.spool.os.rename", die)
-    with pytest.raises(Cut):
-        spool.commit(_request(spool, src, "/sub/f.csv", 14))
-    monkeypatch.undo()
+    _commit_cut_before_rename(spool, _request(spool, src, "/sub/f.csv", 14), monkeypatch)
     assert not (spool.dirs("acme").inbox / "sub" / "f.csv").exists()
     assert len(journal.list_transfers(tenant="acme")) == 1
 
@@ -58,12 +63,7 @@ def test_cut_commit_does_not_replace_a_newer_upload_of_the_same_path(tmp_path: P
     spool.ensure_tenant("acme")
     old = _stage(spool, b"old")
 
-    def die(a: object, b: object) -> None:
-        raise Cut()
-    monkeypatch.setattr("relayd.spool.os.rename", die)
-    with pytest.raises(Cut):
-        spool.commit(_request(spool, old, "/f.csv", 3))
-    monkeypatch.undo()
+    _commit_cut_before_rename(spool, _request(spool, old, "/f.csv", 3), monkeypatch)
     spool.commit(_request(spool, _stage(spool, b"newer"), "/f.csv", 5))
 
     result = spool.recover(["acme"])

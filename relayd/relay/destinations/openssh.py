@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from relayd.relay.destinations.base import DestinationError
@@ -47,23 +48,23 @@ def find_sftp_client() -> str | None:
     return shutil.which("sftp")
 
 
+@dataclass(eq=False)
 class OpenSSHBulk:
     """Runs ``sftp -b -`` for one upload at a time (several may run at once)."""
 
-    def __init__(self, *, program: str, host: str, port: int, user: str, identity: Path, known_hosts: Path,
-                 connect_timeout: float, block_size: int, requests: int, name: str) -> None:
-        self.program = program
-        self.host = host
-        self.port = port
-        self.user = user
-        self.identity = identity
-        self.known_hosts = known_hosts
-        self.connect_timeout = connect_timeout
-        self.block_size = block_size
-        self.requests = requests
-        self.name = name
-        self.uploads = 0
-        """Uploads run so far (for tests and metrics)."""
+    program: str
+    host: str
+    port: int
+    user: str
+    identity: Path
+    known_hosts: Path
+    connect_timeout: float
+    block_size: int
+    requests: int
+    name: str
+    """The destination's name, for log lines."""
+    uploads: int = field(default=0, init=False)
+    """Uploads run so far (for tests and metrics)."""
 
     @staticmethod
     def usable(local: Path, remote: str) -> bool:
