@@ -69,6 +69,15 @@ def sftp_only_remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remot
         yield Remote(srv, key)
 
 
+def impostor_known_hosts(remote: Remote, tmp_path: Path) -> Path:
+    """A known_hosts file pinning some other key for ``remote``'s sshd (a changed host key)."""
+    srv = remote.sshd
+    kind, blob = make_key(tmp_path / "other", "impostor").pub.split()[:2]
+    wrong = tmp_path / "known_hosts.wrong"
+    wrong.write_text(f"[{srv.host}]:{srv.port} {kind} {blob}\n")
+    return wrong
+
+
 @dataclass
 class DestEnv:
     """One test's view of a destination kind."""

@@ -17,7 +17,7 @@ import pytest
 from relayd.relay.destinations import DestinationError, Outcome, Payload, create_destination, registered_kinds
 from relayd.relay.destinations.base import conflict_name, temp_name
 from relayd.relay.destinations.sftp import SftpDestination
-from tests.contract.conftest import DestEnv, Remote, run
+from tests.contract.conftest import DestEnv, Remote, impostor_known_hosts, run
 from tests.helpers import free_port, make_file, make_key, sha256_file
 
 
@@ -232,10 +232,7 @@ def test_sftp_host_key_mismatch_is_refused_with_alert(sftp_env: DestEnv, tmp_pat
                                                       caplog: pytest.LogCaptureFixture) -> None:
     assert sftp_env.remote is not None
     srv = sftp_env.remote.sshd
-    other = make_key(tmp_path / "other", "impostor")
-    wrong = tmp_path / "known_hosts.wrong"
-    kind, blob = other.pub.split()[:2]
-    wrong.write_text(f"[{srv.host}]:{srv.port} {kind} {blob}\n")
+    wrong = impostor_known_hosts(sftp_env.remote, tmp_path)
     unknown = tmp_path / "known_hosts.empty"
     unknown.write_text("")
     caplog.set_level(logging.INFO, logger="relayd.relay.destinations")

@@ -18,8 +18,8 @@ from relayd.relay.destinations import DestinationError, Outcome, Payload
 from relayd.relay.destinations.base import temp_name
 from relayd.relay.destinations.openssh import OpenSSHBulk, find_sftp_client
 from relayd.relay.destinations.sftp import SftpDestination
-from tests.contract.conftest import DestEnv, Remote, run
-from tests.helpers import make_key, sha256_file
+from tests.contract.conftest import DestEnv, Remote, impostor_known_hosts, run
+from tests.helpers import sha256_file
 
 MIB = 1024 * 1024
 
@@ -101,10 +101,7 @@ def test_openssh_client_refuses_an_unpinned_host_key(env: DestEnv, tmp_path: Pat
                                                      caplog: pytest.LogCaptureFixture) -> None:
     assert env.remote is not None
     srv = env.remote.sshd
-    other = make_key(tmp_path / "other", "impostor")
-    wrong = tmp_path / "known_hosts.wrong"
-    kind, blob = other.pub.split()[:2]
-    wrong.write_text(f"[{srv.host}]:{srv.port} {kind} {blob}\n")
+    wrong = impostor_known_hosts(env.remote, tmp_path)
     program = find_sftp_client()
     assert program is not None
     bulk = OpenSSHBulk(program=program, host=srv.host, port=srv.port, user=srv.user, identity=env.remote.key.path,
