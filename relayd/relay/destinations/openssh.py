@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,8 @@ class OpenSSHBulk:
     """The destination's name, for log lines."""
     uploads: int = field(default=0, init=False)
     """Uploads run so far (for tests and metrics)."""
+    wrap: bool = field(default=True, init=False)
+    """Use the setpriv wrapper (turned off after it was killed by a system call filter)."""
 
     @staticmethod
     def usable(local: Path, remote: str) -> bool:
@@ -74,14 +77,15 @@ class OpenSSHBulk:
     def command(self) -> list[str]:
         """The ``sftp`` command line (the batch comes on stdin).
 
-        No wrapper to tie the client's life to relayd's (``setpriv --pdeathsig`` calls
-        ``capset``, which the unit's system call filter forbids): relayd kills the client when an
-        attempt is cancelled, systemd kills the whole unit's cgroup when relayd dies, and a client
-        that outlives a ``kill -9`` elsewhere only writes the same bytes at the same offsets as
-        the resumed attempt, which is verified before its rename.
+        Wrapped in ``setpriv --pdeathsig KILL`` where that works, so a client never outlives a
+        relayd that was killed (it would race the resumed attempt). Under a system call filter that
+        forbids ``capset`` (the systemd unit's ``~@privileged``) setpriv is killed with SIGSYS:
+        relayd then runs the client bare from then on, and systemd's cgroup cleanup does the job.
         """
         host = f"[{self.host}]" if ":" in self.host else self.host
+        setpriv = shutil.which("setpriv") if self.wrap else None
         return [
+            *([setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []),
             self.program, "-b", "-", "-F", "/dev/null", "-P", str(self.port), "-i", str(self.identity),
             "-B", str(self.block_size), "-R", str(self.requests),
             "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
@@ -106,6 +110,25 @@ class OpenSSHBulk:
         return size - offset
 
     async def _run_batch(self, batch: str) -> None:
+        wrapped = self.wrap and shutil.which("setpriv") is not None
+        returncode, err = await self._run_once(batch)
+        if wrapped and returncode == -signal.SIGSYS:
+            log.info("dest=%s setpriv is not allowed here (system call filter); running sftp without it",
+                     self.name)
+            self.wrap = False
+            returncode, err = await self._run_once(batch)
+        if returncode != 0:
+            text = err[-_STDERR_KEEP:].decode("utf-8", "replace").strip()
+            last = text.splitlines()[-1] if text else f"exit status {returncode}"
+            if "host key verification failed" in text.lower() or "REMOTE HOST IDENTIFICATION" in text:
+                log.error("ALERT dest=%s host key mismatch for %s:%d seen by the OpenSSH client: not the one "
+                          "pinned in %s; refusing to send", self.name, self.host, self.port, self.known_hosts)
+                raise DestinationError(f"host key mismatch for {self.host}:{self.port}: not pinned in known_hosts",
+                                       retryable=True)
+            raise DestinationError(f"OpenSSH sftp upload to {self.host}:{self.port} failed: {last[:300]}",
+                                   retryable=True)
+
+    async def _run_once(self, batch: str) -> tuple[int | None, bytes]:
         proc = await asyncio.create_subprocess_exec(
             *self.command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, env=_environment())
@@ -117,16 +140,7 @@ class OpenSSHBulk:
             with contextlib.suppress(Exception):
                 await asyncio.shield(proc.wait())
             raise
-        if proc.returncode != 0:
-            text = err[-_STDERR_KEEP:].decode("utf-8", "replace").strip()
-            last = text.splitlines()[-1] if text else f"exit status {proc.returncode}"
-            if "host key verification failed" in text.lower() or "REMOTE HOST IDENTIFICATION" in text:
-                log.error("ALERT dest=%s host key mismatch for %s:%d seen by the OpenSSH client: not the one "
-                          "pinned in %s; refusing to send", self.name, self.host, self.port, self.known_hosts)
-                raise DestinationError(f"host key mismatch for {self.host}:{self.port}: not pinned in known_hosts",
-                                       retryable=True)
-            raise DestinationError(f"OpenSSH sftp upload to {self.host}:{self.port} failed: {last[:300]}",
-                                   retryable=True)
+        return proc.returncode, err
 
 
 def _environment() -> dict[str, str]:
