@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
@@ -34,6 +35,12 @@ log = logging.getLogger("relayd.relay")
 
 CLAIM_GATHER = 0.02
 """Seconds a busy destination's free slots may wait to be claimed together (see :meth:`Relay.run`)."""
+
+JOURNAL_GAP = 0.008
+"""Seconds between the relay's journal rounds (claims after commits; outcomes) while files keep
+coming: a steady trickle of commits is claimed, and finished attempts recorded, a few at a time
+instead of one journal round each (each round costs the gateway's commits thread switches). The
+first commit after a quiet spell is claimed at once."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +77,21 @@ class Relay:
         self._stopping = False
         self._finishes: list[tuple[str, str, dict[str, Any], asyncio.Future[None]]] = []
         self._finisher: asyncio.Task[None] | None = None
+        self._last_finish = 0.0
         self._hmac_keys: dict[str, tuple[int, bytes]] = {}
         self._attempting: dict[asyncio.Task[None], tuple[str, str]] = {}  # task → (delivery id, destination)
+        self._journal_thread = ThreadPoolExecutor(1, thread_name_prefix="relayd-relay-journal")
+        self._look_all = True
+        """The next round asks the journal about every destination (set by :meth:`wake` and by
+        timeouts); otherwise only about those whose last claim filled every free slot."""
+        self._saturated: dict[str, bool] = {}
+        """Destination → its last claim took as many deliveries as it had free slots (more may wait)."""
 
     # -- control -------------------------------------------------------------------------------
 
     def wake(self) -> None:
         """Something may be due now (a commit happened, a retry was requested)."""
+        self._look_all = True
         self._wake.set()
 
     def update_config(self, config: Config) -> None:
@@ -111,17 +126,26 @@ class Relay:
         self.recovered.set()
         await self._report_orphans()
         last_claim: dict[str, float] = {}
+        last_round = 0.0
         while not self._stopping:
+            gap = last_round + JOURNAL_GAP - time.monotonic()
+            if gap > 0 and self._look_all:
+                await asyncio.sleep(gap)  # commits in quick succession: claim them together
+            last_round = time.monotonic()
             self._wake.clear()
+            look_all, self._look_all = self._look_all, False
             now = time.time()
             backlog = False   # some destination is full: a finishing attempt will wake us
             deferred = False  # a claim was put off to gather more free slots
+            wants: list[tuple[str, int]] = []
             for name in self.config.destinations:
                 slots = self._slots(name)
                 free = slots - len(self._in_flight.get(name, ()))
                 if free <= 0:
                     backlog = True
                     continue
+                if not look_all and not self._saturated.get(name, True):
+                    continue  # woken by a finished attempt, and nothing was left waiting here
                 # Claim in batches while busy: one journal round per few finished attempts
                 # instead of one per attempt (a finishing attempt wakes this loop), but never
                 # hold free slots back for long.
@@ -129,31 +153,37 @@ class Relay:
                     deferred = True
                     continue
                 last_claim[name] = now
-                claimed = await self._db(self._claim, name, free, now)
+                wants.append((name, free))
+            # One trip to the journal thread per round: the claims and, if nothing is saturated,
+            # when the next retry falls due.
+            claims, next_due = ((await self._db(self._claim_round, wants, now, backlog)) if wants or not backlog
+                                else ({}, None))
+            for name, free in wants:
+                claimed = claims[name]
                 for delivery, transfer, signed in claimed:
                     task = asyncio.ensure_future(self._attempt(delivery, transfer, signed))
                     self._attempting[task] = (delivery.id, name)
                     tasks = self._in_flight.setdefault(name, set())
                     tasks.add(task)
                     task.add_done_callback(functools.partial(self._done, name))
+                self._saturated[name] = len(claimed) == free
                 if len(claimed) == free:
                     backlog = True
             # Sleep until woken (a commit, a finished attempt, a retry request) or until the next
             # retry falls due; at most 1 s, so changes made by other processes are seen too.
             # Deliveries already due but not claimed wait for a destination slot (a wake).
-            if backlog:
+            now = time.time()
+            if backlog or next_due is None or next_due <= now:
                 timeout = 1.0
             else:
-                next_due = await self._db(self.journal.next_due)
-                now = time.time()
-                timeout = 1.0 if next_due is None or next_due <= now else min(1.0, next_due - now)
+                timeout = min(1.0, next_due - now)
             if deferred:
                 timeout = min(timeout, CLAIM_GATHER)
                 await asyncio.sleep(CLAIM_GATHER / 4)  # let a few more attempts finish first
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.001))
             except asyncio.TimeoutError:
-                pass
+                self._look_all = True
 
     def quiesce(self) -> None:
         """Claim nothing more (shutdown begins); attempts in flight go on."""
@@ -183,6 +213,7 @@ class Relay:
                 await dest.close()
             except Exception:  # noqa: BLE001 - closing is best effort
                 log.debug("closing destination failed", exc_info=True)
+        self._journal_thread.shutdown(wait=False)
 
     # -- one attempt ---------------------------------------------------------------------------
 
@@ -211,7 +242,8 @@ class Relay:
         self._attempting.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task crashed: %r", task.exception())
-        self.wake()
+        if self._saturated.get(name, True):
+            self._wake.set()  # a slot is free and deliveries may be waiting for one
 
     def _slots(self, name: str) -> int:
         """How many deliveries ``name`` may run at once (0 if it cannot be built)."""
@@ -230,6 +262,16 @@ class Relay:
             known = (cfg, self._factory(cfg))
             self._destinations[name] = known
         return known[1]
+
+    def _claim_round(self, wants: list[tuple[str, int]], now: float, backlog: bool
+                     ) -> tuple[dict[str, list[tuple[Delivery, Transfer, Signed | None]]], float | None]:
+        """Claim for each (destination, free slots); then, unless some destination is (or is now)
+        full, when the earliest waiting delivery falls due (worker thread)."""
+        claims = {}
+        for name, free in wants:
+            claims[name] = self._claim(name, free, now)
+            backlog = backlog or len(claims[name]) == free
+        return claims, (None if backlog else self.journal.next_due())
 
     def _claim(self, name: str, limit: int, now: float) -> list[tuple[Delivery, Transfer, Signed | None]]:
         """Claim due deliveries and fetch their transfers' signed manifests (worker thread)."""
@@ -318,6 +360,7 @@ class Relay:
             delay = policy.delay(d.attempts)
             await self._finish(d.id, "retry_wait", last_error=error,
                            next_attempt_at=time.time() + delay)
+            self.wake()  # the next round learns when this retry falls due
             self._count(d.destination, "retry")
             log.warning("delivery attempt failed %s: %s; retry in %.1fs", ctx, error, delay,
                         extra=_event(d, t, "failure"))
@@ -340,7 +383,11 @@ class Relay:
         await fut
 
     async def _write_finishes(self) -> None:
+        gap = self._last_finish + JOURNAL_GAP - time.monotonic()
+        if gap > 0:
+            await asyncio.sleep(gap)  # outcomes in quick succession: record them together
         while self._finishes:
+            self._last_finish = time.monotonic()
             batch, self._finishes = self._finishes, []
             try:
                 await self._db(self.journal.finish_deliveries, [(i, st, f) for i, st, f, _ in batch])
@@ -353,9 +400,15 @@ class Relay:
                     if not fut.done():
                         fut.set_result(None)
 
-    @staticmethod
-    async def _db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+    async def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a journal call on the relay's own journal thread.
+
+        One thread, not the shared pool: the relay's calls queue there in order instead of
+        several pool threads contending for the journal lock (and the GIL) with each other
+        and with the gateway's commits.
+        """
+        return await asyncio.get_running_loop().run_in_executor(self._journal_thread,
+                                                                functools.partial(fn, *args, **kwargs))
 
 
 def _event(d: Delivery, t: Transfer, outcome: str) -> dict[str, Any]:
