@@ -236,7 +236,9 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "destinations.<name>.known_hosts": _K("path", None, "known_hosts file pinning the remote host key.",
                                           _REMOTE, _REMOTE),
     "destinations.<name>.concurrency": _K("integer >= 1", 4, "Deliveries run in parallel to this destination "
-                                          "(sftp: connections, each shared by `streams` deliveries)."),
+                                          "(sftp: connections, each shared by `streams` deliveries; large files "
+                                          "written by the OpenSSH client: at most this many clients, each its own "
+                                          "connection, at once)."),
     "destinations.<name>.verify": _K("sha256 | size", "sha256", "What the far end confirms before the final "
                                      "rename: size and SHA-256 (remote sha256sum over exec where the server "
                                      "allows it, else size, noted on the delivery), or size only.",

@@ -8,6 +8,7 @@ need quoting left to asyncssh, and host key pinning inside the OpenSSH client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -113,3 +114,25 @@ def test_openssh_client_refuses_an_unpinned_host_key(env: DestEnv, tmp_path: Pat
     assert info.value.retryable and "host key mismatch" in str(info.value)
     assert any("ALERT" in r.getMessage() for r in caplog.records)
     assert not (env.root / "k.bin").exists()
+
+
+def test_openssh_clients_are_bounded_by_concurrency(env: DestEnv) -> None:
+    """A backlog of large files: at most ``concurrency`` OpenSSH clients (connections) at once,
+    however many deliveries share the pooled connections; all arrive intact."""
+    payloads = [env.payload(f"/many/m{i}.bin", size=2 * MIB + i, seed=20 + i) for i in range(6)]
+
+    async def body() -> tuple[int, int]:
+        dest = env.make(bulk_min_size=MIB, concurrency=2, streams=8)
+        assert isinstance(dest, SftpDestination) and dest.bulk is not None and dest.slots == 16
+        try:
+            outs = await asyncio.gather(*(dest.deliver(p) for p in payloads))
+            assert all(o.verified == "sha256" for o in outs)
+            return dest.bulk.uploads, dest.bulk.peak
+        finally:
+            await dest.close()
+
+    uploads, peak = run(body())
+    assert uploads == len(payloads) and 1 <= peak <= 2
+    for p in payloads:
+        assert sha256_file(env.root / p.path.lstrip("/")) == p.sha256
+    assert not list(env.root.rglob("*.part"))

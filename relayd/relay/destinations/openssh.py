@@ -51,7 +51,7 @@ def find_sftp_client() -> str | None:
 
 @dataclass(eq=False)
 class OpenSSHBulk:
-    """Runs ``sftp -b -`` for one upload at a time (several may run at once)."""
+    """Runs ``sftp -b -`` for one upload at a time; at most ``limit`` at once (the others wait)."""
 
     program: str
     host: str
@@ -64,8 +64,16 @@ class OpenSSHBulk:
     requests: int
     name: str
     """The destination's name, for log lines."""
+    limit: int = 4
+    """Clients that may run at once (the destination's ``concurrency``): each is a connection of
+    its own, and a partner's sshd drops new connections beyond its ``MaxStartups``."""
     uploads: int = field(default=0, init=False)
     """Uploads run so far (for tests and metrics)."""
+    active: int = field(default=0, init=False)
+    """Clients running now."""
+    peak: int = field(default=0, init=False)
+    """Most clients that ran at once (for tests)."""
+    _slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     wrap: bool = field(default=True, init=False)
     """Use the setpriv wrapper (turned off after it was killed by a system call filter)."""
 
@@ -105,8 +113,16 @@ class OpenSSHBulk:
         # 0644 like the asyncssh path does, before a resume too (a 0444 file cannot be appended to).
         chmod = f'chmod 644 "{remote}"\n'
         verb = "reput" if offset else "put"
-        self.uploads += 1
-        await self._run_batch((chmod if offset else "") + f'{verb} "{local}" "{remote}"\n' + chmod)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(max(1, self.limit))
+        async with self._slots:
+            self.uploads += 1
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            try:
+                await self._run_batch((chmod if offset else "") + f'{verb} "{local}" "{remote}"\n' + chmod)
+            finally:
+                self.active -= 1
         return size - offset
 
     async def _run_batch(self, batch: str) -> None:

@@ -14,7 +14,8 @@
   concurrent deliveries, else size (noted); the command that works is remembered per destination.
 * **Bulk data path**: files of ``bulk_min_size`` (16 MiB) and more are written by the OpenSSH
   ``sftp`` client (same pinning and key; see :mod:`relayd.relay.destinations.openssh`), several
-  times faster than asyncssh's Python data path; ``bulk_client: asyncssh`` turns that off.
+  times faster than asyncssh's Python data path; ``bulk_client: asyncssh`` turns that off. Each
+  client is a connection of its own: at most ``concurrency`` run at once.
 * Modern algorithms only (the gateway's list: no SHA-1, no CBC).
 """
 
@@ -596,7 +597,7 @@ class SftpDestination:
         self.connect_timeout = float(o.get("connect_timeout", 30.0))
         self.block_size = min(int(o.get("block_size", MAX_BLOCK)), MAX_BLOCK)
         self.requests = int(o.get("requests", 64))
-        concurrency = int(o.get("concurrency") or 4)
+        concurrency = self.concurrency = int(o.get("concurrency") or 4)
         streams = int(o.get("streams") or 16)
         self.slots = concurrency * streams
         self.readback_max = READBACK_MAX
@@ -622,7 +623,8 @@ class SftpDestination:
             return None
         return OpenSSHBulk(program=program, host=self.host, port=self.port, user=self.user, identity=self.identity,
                            known_hosts=self.known_hosts, connect_timeout=self.connect_timeout,
-                           block_size=self.block_size, requests=self.requests, name=self.name)
+                           block_size=self.block_size, requests=self.requests, name=self.name,
+                           limit=self.concurrency)
 
     @property
     def where(self) -> str:
