@@ -267,7 +267,7 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
                                          "accepts at most 255 KiB).", ("sftp",)),
     "destinations.<name>.requests": _K("integer >= 1", 64, "SFTP write requests in flight per connection "
                                        "(memory: about block_size x requests per connection).", ("sftp",)),
-    "destinations.<name>.streams": _K("integer >= 1", 16, "Deliveries that share one connection at a time, so "
+    "destinations.<name>.streams": _K("integer >= 1", 32, "Deliveries that share one connection at a time, so "
                                       "small files go out many at once (in flight: concurrency x streams).",
                                       ("sftp",)),
     "destinations.<name>.bulk_client": _K("auto | openssh | asyncssh", "auto", "Who writes large files: the "

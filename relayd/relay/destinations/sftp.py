@@ -598,7 +598,7 @@ class SftpDestination:
         self.block_size = min(int(o.get("block_size", MAX_BLOCK)), MAX_BLOCK)
         self.requests = int(o.get("requests", 64))
         concurrency = self.concurrency = int(o.get("concurrency") or 4)
-        streams = int(o.get("streams") or 16)
+        streams = int(o.get("streams") or 32)
         self.slots = concurrency * streams
         self.readback_max = READBACK_MAX
         """Verify files up to this size by reading them back (0: always exec), unless at least
