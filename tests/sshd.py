@@ -152,7 +152,7 @@ class ThrowawaySshd:
 
 
 def _write_config(workdir: Path, *, port: int, host: str, user: str, host_key: Path, sftp: str,
-                  chroot: Path | None) -> Path:
+                  chroot: Path | None, log_level: str = "INFO") -> Path:
     lines = [
         "# throwaway sshd written by tests/sshd.py; everything lives in this folder",
         f"ListenAddress {host}:{port}",
@@ -174,7 +174,7 @@ def _write_config(workdir: Path, *, port: int, host: str, user: str, host_key: P
         "AllowAgentForwarding no",
         "PermitTunnel no",
         "MaxStartups 100:30:200",
-        "LogLevel INFO",
+        f"LogLevel {log_level}",
         # Like a plain remote account: Debian's bash sources ~/.bashrc for commands run by sshd
         # when SHLVL is unset, and on a dev box that file may be slow (pyenv init: ~150 ms per
         # command), which every exec (relayd's remote sha256sum) would pay.
@@ -227,13 +227,14 @@ def _start(workdir: Path, config: Path, host: str, port: int, timeout: float) ->
 @contextlib.contextmanager
 def throwaway_sshd(workdir: Path, *, authorized_keys: list[str], sftp: str = "internal-sftp",
                    chroot: Path | None = None, port: int | None = None, host: str = "127.0.0.1",
-                   timeout: float = 15.0) -> Iterator[ThrowawaySshd]:
+                   timeout: float = 15.0, log_level: str = "INFO") -> Iterator[ThrowawaySshd]:
     """Run a private OpenSSH sshd for the duration of the ``with`` block.
 
     ``authorized_keys`` are public key lines for the current user; ``sftp`` is the ``Subsystem
     sftp`` command (``internal-sftp`` or a path such as ``/usr/lib/openssh/sftp-server``);
     ``chroot`` sets ``ChrootDirectory`` (+ ``ForceCommand internal-sftp``); ``port`` defaults to a
-    free high port (retried if another process grabs it first). sshd is stopped on exit.
+    free high port (retried if another process grabs it first); ``log_level`` is sshd's ``LogLevel``
+    (``VERBOSE`` plus ``internal-sftp -l VERBOSE`` logs each SFTP request). sshd is stopped on exit.
     """
     if not os.access(SSHD, os.X_OK):
         raise SshdError(f"{SSHD} not found (apt-get install openssh-server)")
@@ -256,7 +257,7 @@ def throwaway_sshd(workdir: Path, *, authorized_keys: list[str], sftp: str = "in
     for attempt in range(attempts):
         chosen = port if port is not None else free_port()
         config = _write_config(workdir, port=chosen, host=host, user=user, host_key=host_key, sftp=sftp,
-                               chroot=chroot)
+                               chroot=chroot, log_level=log_level)
         try:
             proc = _start(workdir, config, host, chosen, timeout)
             break

@@ -246,6 +246,10 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "destinations.<name>.on_conflict": _K("overwrite | rename | fail", "overwrite", "When the final name "
                                           "already exists: replace it, keep both (new name), or fail the "
                                           "delivery.", ("local", "sftp")),
+    "destinations.<name>.fsync": _K("boolean", True, "Have the server flush each file to its disk "
+                                    "(fsync@openssh.com) before it is verified and renamed, so a delivery "
+                                    "counts as done only once the data is durable at the far end; servers "
+                                    "without the extension: skipped, noted on the delivery.", ("sftp",)),
     "destinations.<name>.sidecar": _K("boolean", False, "Also publish <name>.relayd.json (signed "
                                       "manifest) after each file, atomically.",
                                       ("local", "sftp")),

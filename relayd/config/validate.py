@@ -447,6 +447,7 @@ _DEST_CONVERTERS: dict[str, _DestConvert] = {
     "verify": lambda ck, p, v: _choice(ck, p, v, ("sha256", "size")),
     "on_conflict": lambda ck, p, v: _choice(ck, p, v, ("overwrite", "rename", "fail")),
     "sidecar": lambda ck, p, v: ck.boolean(p, v, None),
+    "fsync": lambda ck, p, v: ck.boolean(p, v, None),
     "max_attempts": lambda ck, p, v: ck.integer(p, v, None, 1),
     "max_age": lambda ck, p, v: ck.duration(p, v, None, positive=True),
     "retry_initial": lambda ck, p, v: ck.duration(p, v, None, positive=True),

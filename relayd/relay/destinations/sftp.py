@@ -8,6 +8,10 @@
 * **Pipelined writes** from the spool file: blocks of ``block_size`` (capped at 261120, OpenSSH's
   limit, and at the server's advertised limit), ``requests`` in flight; memory stays at about
   ``block_size * requests`` per delivery.
+* **Durable before done** (``fsync``, default on): the server flushes each temp file to its disk
+  (``fsync@openssh.com``, offered by OpenSSH since 6.5) before it is verified and renamed, so
+  ``delivered`` means the bytes are on the far end's disk, not in its page cache. A server
+  without the extension is noted on the delivery (like a missing remote digest).
 * **Verify**: files up to 1 MiB are read back over the SFTP session and hashed here (cheaper than
   a remote process, and possible on servers that refuse exec); larger ones get ``openssl dgst
   -sha256`` (else ``sha256sum``) over an exec channel when the server allows it, batched across
@@ -29,7 +33,7 @@ import os
 import re
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -116,6 +120,8 @@ class _Conn:
     dirs: set[str] = field(default_factory=set)
     """Directories this connection created or found (forgotten on any error, so a directory
     removed behind our back costs one retried attempt, not a wrong result)."""
+    no_fsync: bool = False
+    """The server did not offer or refused fsync@openssh.com on this connection."""
 
 
 _FAILED_CONNECT_HOLD = 1.0
@@ -417,8 +423,11 @@ class SftpStore:
     def __init__(self, conn: _Conn, block_size: int, requests: int, digests: DigestBatcher,
                  size: int = 0, readback_max: int = READBACK_MAX,
                  busy: Callable[[], bool] = lambda: False, bulk: OpenSSHBulk | None = None,
-                 bulk_min: int = 0) -> None:
+                 bulk_min: int = 0, fsync: bool = False) -> None:
         self._conn = conn
+        self._fsync = fsync
+        self.unflushed = False
+        """Set when the server could not be asked to flush a file (no fsync@openssh.com)."""
         self._busy = busy
         self._bulk = bulk
         self._bulk_min = bulk_min
@@ -459,7 +468,8 @@ class SftpStore:
         """
         if self._bulk is not None and size - offset >= self._bulk_min and self._bulk.usable(source, temp):
             log.debug("upload of %s by the OpenSSH client (%d bytes from offset %d)", temp, size - offset, offset)
-            return await self._bulk.upload(source, temp, offset, size)
+            flush = self._fsync and self._can_fsync()
+            return await self._bulk.upload(source, temp, offset, size, fsync=flush)
         pflags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if offset == 0 else 0)
         fd = open_spool_object(source, size)
         try:
@@ -496,9 +506,35 @@ class SftpStore:
                             workers = await _settle(workers, asyncio.FIRST_EXCEPTION)
                     finally:
                         await _cancel_all(workers)
+                await self._flush(f)
         finally:
             os.close(fd)
         return size - offset
+
+    def _can_fsync(self) -> bool:
+        """Whether the server offers fsync@openssh.com (notes it on the delivery if not)."""
+        # asyncssh keeps the server's extensions private; it raises SFTPOpUnsupported on fsync()
+        # without this one. Read the flag so the OpenSSH client path can decide the same way.
+        handler = getattr(self._sftp, "_handler", None)
+        supported = bool(getattr(handler, "_supports_fsync", True)) and not self._conn.no_fsync
+        if not supported:
+            self.unflushed = True
+        return supported
+
+    async def _flush(self, f: asyncssh.SFTPClientFile) -> None:
+        """Have the server fsync an open file, if asked to and the server can."""
+        if not self._fsync:
+            return
+        if self._conn.no_fsync:
+            self.unflushed = True
+            return
+        try:
+            await f.fsync()
+        except (asyncssh.SFTPOpUnsupported, asyncssh.SFTPPermissionDenied):
+            # Not offered, or refused by the server's policy (sftp-server -P fsync): noted on the
+            # delivery. Any other error (an I/O error on the server's disk) fails the attempt.
+            self._conn.no_fsync = True
+            self.unflushed = True
 
     async def sha256(self, path: str) -> str:
         """Remote SHA-256 over an exec channel (batched with other deliveries'; see
@@ -575,6 +611,7 @@ class SftpStore:
         async with self._sftp.open(path, pflags, asyncssh.SFTPAttrs(permissions=0o644), encoding=None,
                                    block_size=0) as f:
             await f.write(data, 0)
+            await self._flush(f)
 
 
 @register("sftp")
@@ -594,6 +631,8 @@ class SftpDestination:
         self.target = Target.parse(config.name, str(o["path"]))
         self.verify = parse_verify(config.name, o)
         self.on_conflict = parse_on_conflict(config.name, o)
+        self.fsync = bool(o.get("fsync", True))
+        """Have the server flush each temp file to disk before it is verified and renamed."""
         self.connect_timeout = float(o.get("connect_timeout", 30.0))
         self.block_size = min(int(o.get("block_size", MAX_BLOCK)), MAX_BLOCK)
         self.requests = int(o.get("requests", 64))
@@ -640,9 +679,13 @@ class SftpDestination:
             async with self.pool.connection() as conn:
                 store = SftpStore(conn, self.block_size, self.requests, self.digests, payload.size,
                                   self.readback_max, busy=lambda: self.active >= BATCH_DIGESTS_FROM,
-                                  bulk=self.bulk, bulk_min=self.bulk_min)
+                                  bulk=self.bulk, bulk_min=self.bulk_min, fsync=self.fsync)
                 outcome = await publish(store, payload, final, verify=self.verify,
                                         on_conflict=self.on_conflict, logger=log, context=context)
+                if store.unflushed:
+                    outcome = replace(outcome, note="; ".join(filter(None, (
+                        outcome.note, f"{self.where} has no fsync@openssh.com: the data was not flushed to the "
+                        "server's disk before the rename"))))
         except DestinationError:
             raise
         except asyncssh.SFTPError as e:
