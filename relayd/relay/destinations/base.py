@@ -150,9 +150,15 @@ class Store(Protocol):
     async def upload(self, temp: str, source: Path, offset: int, size: int) -> int:
         """Write ``source[offset:size]`` into ``temp`` at ``offset`` (create it; truncate if offset is 0).
 
-        The data must be durable when this returns (as far as the kind can tell). Returns the
-        number of bytes written.
+        Returns the number of bytes written. The data must be durable once :meth:`durable`
+        returns (as far as the kind can tell); a kind may leave that flush running in the
+        background so it overlaps the verification.
         """
+        ...
+
+    async def durable(self, temp: str) -> None:
+        """Return once the data :meth:`upload` wrote into ``temp`` is durable (its flush's error
+        if it failed); called before ``temp`` is renamed into place."""
         ...
 
     async def sha256(self, path: str) -> str:
@@ -359,6 +365,7 @@ async def publish(store: Store, payload: Payload, final: str, *, verify: str, on
     sent = await store.upload(temp, payload.source, offset, payload.size)
     t1 = time.monotonic()
     verified, digest, note = await _verify(store, temp, payload, verify)
+    await store.durable(temp)
     t2 = time.monotonic()
     remote = await _publish_temp(store, temp, final, alt, payload, on_conflict)
     await _publish_sidecar(store, payload, remote)

@@ -56,6 +56,9 @@ class LocalStore:
         """``os.link`` then unlink ``temp``: never replaces ``final``."""
         return await asyncio.to_thread(_link_new, temp, final)
 
+    async def durable(self, temp: str) -> None:
+        """Nothing left to wait for: :meth:`upload` fsyncs before it returns."""
+
     async def sync_dir(self, path: str) -> None:
         """fsync the directory so the rename survives a power loss."""
         await asyncio.to_thread(_fsync_dir, path)

@@ -106,16 +106,13 @@ class OpenSSHBulk:
             "--", f"{self.user}@{host}",
         ]
 
-    async def upload(self, local: Path, remote: str, offset: int, size: int, fsync: bool = False) -> int:
+    async def upload(self, local: Path, remote: str, offset: int, size: int) -> int:
         """Write ``local[offset:size]`` to ``remote`` (which holds exactly ``offset`` bytes when
-        ``offset > 0``); return the bytes sent. DestinationError (retryable) on failure.
-
-        ``fsync``: ``put -f`` (the client asks the server to flush the file before closing it).
-        """
+        ``offset > 0``); return the bytes sent. DestinationError (retryable) on failure."""
         # The spool object is read-only (0444) and put copies the local mode: make the temp file
         # 0644 like the asyncssh path does, before a resume too (a 0444 file cannot be appended to).
         chmod = f'chmod 644 "{remote}"\n'
-        verb = ("reput" if offset else "put") + (" -f" if fsync else "")
+        verb = "reput" if offset else "put"
         if self._slots is None:
             self._slots = asyncio.Semaphore(max(1, self.limit))
         async with self._slots:

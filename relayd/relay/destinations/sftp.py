@@ -426,6 +426,7 @@ class SftpStore:
                  bulk_min: int = 0, fsync: bool = False) -> None:
         self._conn = conn
         self._fsync = fsync
+        self._flushing: asyncio.Future[None] | None = None
         self.unflushed = False
         """Set when the server could not be asked to flush a file (no fsync@openssh.com)."""
         self._busy = busy
@@ -468,15 +469,19 @@ class SftpStore:
         """
         if self._bulk is not None and size - offset >= self._bulk_min and self._bulk.usable(source, temp):
             log.debug("upload of %s by the OpenSSH client (%d bytes from offset %d)", temp, size - offset, offset)
-            flush = self._fsync and self._can_fsync()
-            return await self._bulk.upload(source, temp, offset, size, fsync=flush)
+            sent = await self._bulk.upload(source, temp, offset, size)
+            if self._fsync and self._can_fsync():
+                self._start_flush(self._flush_path(temp))
+            return sent
         pflags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if offset == 0 else 0)
         fd = open_spool_object(source, size)
         try:
             with contextlib.suppress(AttributeError, OSError):
                 os.posix_fadvise(fd, offset, size - offset, os.POSIX_FADV_SEQUENTIAL)
-            async with self._sftp.open(temp, pflags, asyncssh.SFTPAttrs(permissions=0o644),
-                                       encoding=None, block_size=0) as f:  # 0: one request per write
+            f = await self._sftp.open(temp, pflags, asyncssh.SFTPAttrs(permissions=0o644),
+                                      encoding=None, block_size=0)  # 0: one request per write
+            handed_off = False
+            try:
                 block = self._block
                 window = self._conn.window
                 nxt = offset
@@ -506,10 +511,47 @@ class SftpStore:
                             workers = await _settle(workers, asyncio.FIRST_EXCEPTION)
                     finally:
                         await _cancel_all(workers)
-                await self._flush(f)
+                if self._fsync:
+                    self._start_flush(self._flush_close(f))  # the flush closes the handle
+                    handed_off = True
+            finally:
+                if not handed_off:
+                    await f.close()
         finally:
             os.close(fd)
         return size - offset
+
+    def _start_flush(self, flush: Awaitable[None]) -> None:
+        """Run the server's flush of the uploaded file while the caller verifies it (see
+        :meth:`durable`, which waits for it before the rename)."""
+        task = asyncio.ensure_future(flush)
+        task.add_done_callback(_retrieve)
+        self._flushing = task
+
+    async def _flush_close(self, f: asyncssh.SFTPClientFile) -> None:
+        try:
+            await self._flush(f)
+        finally:
+            await f.close()
+
+    async def _flush_path(self, path: str) -> None:
+        """Flush a file written by the OpenSSH client: fsync works on any open handle of it."""
+        f = await self._sftp.open(path, "rb", encoding=None)
+        await self._flush_close(f)
+
+    async def durable(self, temp: str) -> None:
+        """Wait for the server's flush of ``temp`` started by :meth:`upload` (its error, if any)."""
+        task, self._flushing = self._flushing, None
+        if task is not None:
+            await task
+
+    async def aclose(self) -> None:
+        """Let a flush still running (the delivery failed before :meth:`durable`) end first, so
+        its handle is closed on the pooled session; its outcome no longer matters."""
+        task, self._flushing = self._flushing, None
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
 
     def _can_fsync(self) -> bool:
         """Whether the server offers fsync@openssh.com (notes it on the delivery if not)."""
@@ -680,8 +722,11 @@ class SftpDestination:
                 store = SftpStore(conn, self.block_size, self.requests, self.digests, payload.size,
                                   self.readback_max, busy=lambda: self.active >= BATCH_DIGESTS_FROM,
                                   bulk=self.bulk, bulk_min=self.bulk_min, fsync=self.fsync)
-                outcome = await publish(store, payload, final, verify=self.verify,
-                                        on_conflict=self.on_conflict, logger=log, context=context)
+                try:
+                    outcome = await publish(store, payload, final, verify=self.verify,
+                                            on_conflict=self.on_conflict, logger=log, context=context)
+                finally:
+                    await store.aclose()
                 if store.unflushed:
                     outcome = replace(outcome, note="; ".join(filter(None, (
                         outcome.note, f"{self.where} has no fsync@openssh.com: the data was not flushed to the "
@@ -754,6 +799,12 @@ class SftpDestination:
     async def _open_session(self, ssh: asyncssh.SSHClientConnection) -> asyncssh.SFTPClient | None:
         """The per-connection session this kind needs (an SFTP client; None for kinds without)."""
         return await ssh.start_sftp_client()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a background task's error as seen (its awaiter, if any, gets it too)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _settle(tasks: set[asyncio.Task[Any]], when: str) -> set[asyncio.Task[Any]]:
