@@ -247,7 +247,7 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
                                           "already exists: replace it, keep both (new name), or fail the "
                                           "delivery.", ("local", "sftp")),
     "destinations.<name>.fsync": _K("boolean", True, "Have the server flush each file to its disk "
-                                    "(fsync@openssh.com) before it is verified and renamed, so a delivery "
+                                    "(fsync@openssh.com, alongside the verification) before the rename, so a delivery "
                                     "counts as done only once the data is durable at the far end; servers "
                                     "without the extension: skipped, noted on the delivery.", ("sftp",)),
     "destinations.<name>.sidecar": _K("boolean", False, "Also publish <name>.relayd.json (signed "

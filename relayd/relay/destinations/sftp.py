@@ -9,9 +9,10 @@
   limit, and at the server's advertised limit), ``requests`` in flight; memory stays at about
   ``block_size * requests`` per delivery.
 * **Durable before done** (``fsync``, default on): the server flushes each temp file to its disk
-  (``fsync@openssh.com``, offered by OpenSSH since 6.5) before it is verified and renamed, so
-  ``delivered`` means the bytes are on the far end's disk, not in its page cache. A server
-  without the extension is noted on the delivery (like a missing remote digest).
+  (``fsync@openssh.com``, offered by OpenSSH since 6.5) while relayd verifies it, and the rename
+  waits for both, so ``delivered`` means the bytes are on the far end's disk, not in its page
+  cache. A server without the extension (or refusing it) is noted on the delivery, like a
+  missing remote digest.
 * **Verify**: files up to 1 MiB are read back over the SFTP session and hashed here (cheaper than
   a remote process, and possible on servers that refuse exec); larger ones get ``openssl dgst
   -sha256`` (else ``sha256sum``) over an exec channel when the server allows it, batched across
